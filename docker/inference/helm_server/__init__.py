@@ -1,0 +1,1 @@
+"""HELM `neurips/local` inference server shipped in every submission zip."""

@@ -1,0 +1,222 @@
+"""The plain Hugging Face engine: one prefill, then a token-at-a-time decode loop.
+
+Written as small functions a reader follows top to bottom (`prefill`,
+`decode_one_token`, `sample`, `score`). Prompt logprobs and the first new
+token come from the single prefill pass; logprobs are gathered on the device
+and copied to the host once per request, never a full-vocabulary softmax per
+step.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from .engine import LOGPROB_FLOOR, Generation, SamplingParams, ScoredToken, StopCheck
+from .settings import ModelSource, ServeConfig, ServedModel
+
+log = logging.getLogger("helm_server.engine")
+
+# Rows of the prompt scored per log-softmax, to bound memory for long echoed prompts.
+_SCORE_CHUNK = 512
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _dtype(model: ServedModel, device: torch.device) -> torch.dtype | str:
+    if model.dtype != "auto":
+        return _DTYPES[model.dtype]
+    # Half precision on CPU is slow and poorly supported; "auto" means the checkpoint's dtype on GPU.
+    return torch.float32 if device.type == "cpu" else "auto"
+
+
+def _revision(source: ModelSource) -> str | None:
+    # Local directories have no revisions; passing one makes hub code look online.
+    return None if Path(source.repo_id).is_dir() else source.revision
+
+
+def load_model(config: ServeConfig, device: torch.device):
+    """Load the served model (and adapter) for inference on `device`."""
+    spec = config.model
+    log.info("loading model %s (revision %s) on %s", spec.repo_id, _revision(spec), device)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.repo_id,
+        revision=_revision(spec),
+        trust_remote_code=spec.trust_remote_code,
+        dtype=_dtype(spec, device),
+        device_map={"": str(device)},
+    )
+    if config.adapter is not None:
+        from peft import PeftModel
+
+        log.info("loading adapter %s (revision %s)", config.adapter.repo_id, _revision(config.adapter))
+        model = PeftModel.from_pretrained(model, config.adapter.repo_id, revision=_revision(config.adapter))
+    return model.eval()
+
+
+def load_tokenizer(model: ServedModel):
+    return AutoTokenizer.from_pretrained(
+        model.repo_id, revision=_revision(model), trust_remote_code=model.trust_remote_code
+    )
+
+
+def cache_keyword(model) -> str:
+    """transformers renamed `past_key_values` to `cache`; use what the installed version takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_keyword_of(type(base))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, cache: DynamicCache, all_positions: bool) -> torch.Tensor:
+    """Run the prompt through the model once, filling the KV cache.
+
+    Returns logits for every position when the prompt itself must be scored,
+    else only for the last one (a 2048 x 152k logit matrix is 1.2 GB in fp32).
+    """
+    keep = 0 if all_positions else 1
+    out = model(input_ids=input_ids, **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=keep)
+    return out.logits[0]
+
+
+@torch.inference_mode()
+def decode_one_token(model, token: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """Feed one token, return the next position's logits [vocab]."""
+    out = model(input_ids=token.view(1, 1), **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    banned: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pick the next token: greedy at temperature 0, else top-k/top-p sampling."""
+    logits = logits.float()
+    if banned is not None:
+        logits = logits.index_fill(0, banned, float("-inf"))
+    if params.temperature == 0.0:
+        return logits.argmax()
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def score(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logprob of `chosen` and the top-k alternatives, on the device. Rows: [..., vocab]."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.nan_to_num(logprobs, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR, posinf=0.0)
+    picked = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    top = torch.topk(logprobs, k, dim=-1)
+    return picked, top.values, top.indices
+
+
+def score_prompt(logits: torch.Tensor, prompt: torch.Tensor, k: int) -> list[ScoredToken]:
+    """Teacher-forced logprobs of the prompt; the first token has no context (0.0, as HELM reports)."""
+    first = int(prompt[0])
+    scored = [ScoredToken(first, 0.0, [(first, 0.0)])]
+    for start in range(0, prompt.numel() - 1, _SCORE_CHUNK):
+        rows = logits[start : start + _SCORE_CHUNK]
+        targets = prompt[start + 1 : start + 1 + rows.shape[0]]
+        picked, top_v, top_i = score(rows[: targets.numel()], targets, k)
+        scored += _to_host(targets, picked, top_v, top_i)
+    return scored
+
+
+def _to_host(ids, picked, top_v, top_i) -> list[ScoredToken]:
+    ids, picked, top_v, top_i = (t.tolist() for t in (ids, picked, top_v, top_i))
+    return [ScoredToken(i, p, list(zip(ti, tv))) for i, p, tv, ti in zip(ids, picked, top_v, top_i)]
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+class HFEngine:
+    """Batch-1 generation with a dynamic KV cache on any transformers causal LM."""
+
+    def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        bad = [i for i in eos_token_ids if i >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"generation.eos_token_ids {bad} are outside the model's vocabulary (size {self.vocab_size}); "
+                "set the spec's eos_token_ids to the served model's end-of-text ids"
+            )
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._eos = torch.tensor(sorted(self.eos_token_ids), device=device)
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> "HFEngine":
+        device = pick_device(config.server.device)
+        return cls(load_model(config, device), load_tokenizer(config.model), config.generation.eos_token_ids, device)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Generation:
+        # A model needs at least one token of context; an empty prompt starts from end-of-text.
+        context = prompt_ids or [min(self.eos_token_ids)]
+        input_ids = torch.tensor([context], device=self.device)
+        cache = DynamicCache()
+        logits = prefill(self.model, input_ids, cache, all_positions=params.echo_prompt and bool(prompt_ids))
+        prompt_scored = score_prompt(logits, input_ids[0], params.top_logprobs) if params.echo_prompt and prompt_ids else []
+        next_logits = logits[-1]
+
+        generator = _generator(self.device, params.seed)
+        chosen, picked, top_v, top_i = [], [], [], []
+        finish = "length"
+        for step in range(params.max_new_tokens):
+            banned = self._eos if step < params.min_new_tokens else None
+            token = sample(next_logits, params, generator, banned)
+            token_id = int(token)
+            if token_id in self.eos_token_ids:
+                finish = "eos"
+                break
+            lp, tv, ti = score(next_logits, token, params.top_logprobs)
+            chosen.append(token_id)
+            picked.append(lp), top_v.append(tv), top_i.append(ti)
+            if should_stop(chosen):
+                finish = "stop"
+                break
+            if step + 1 < params.max_new_tokens:
+                next_logits = decode_one_token(self.model, token, cache)
+
+        completion = _to_host(torch.tensor(chosen), torch.stack(picked), torch.stack(top_v), torch.stack(top_i)) if chosen else []
+        return Generation(prompt=prompt_scored, completion=completion, finish_reason=finish)

@@ -1,0 +1,118 @@
+"""HELM requests in, HELM responses out, with an `Engine` in between.
+
+This is the part of the server that knows HELM's conventions (temperature
+1e-7 means greedy, stop sequences are cut, echo returns the prompt's tokens)
+and the spec's generation settings. It knows nothing of HTTP or of how the
+model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .api import DecodeRequest, DecodeResponse, ProcessRequest, ProcessResponse, Token, TokenizeRequest, TokenizeResponse
+from .engine import Engine, Generation, SamplingParams, ScoredToken
+from .settings import GenerationSettings
+from .stopping import StopMatcher
+
+log = logging.getLogger("helm_server.service")
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (answered 422, the server stays healthy)."""
+
+
+def resolve_params(req: ProcessRequest, settings: GenerationSettings, vocab_size: int) -> SamplingParams:
+    max_new = settings.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+    top_k = settings.default_top_k if req.top_k is None else req.top_k
+    greedy = req.temperature < settings.min_temperature
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=0.0 if greedy else req.temperature,
+        top_k=top_k,
+        top_p=req.top_p,
+        min_new_tokens=min(settings.min_new_tokens, max_new),
+        seed=req.seed,
+        top_logprobs=min(max(1, req.top_k_per_token), vocab_size),
+        echo_prompt=req.echo_prompt,
+    )
+
+
+def fit_context(prompt_ids: list[int], max_new_tokens: int, settings: GenerationSettings) -> list[int]:
+    """Apply the spec's overflow policy when prompt + new tokens exceed the context."""
+    limit = settings.context_length
+    if len(prompt_ids) + max_new_tokens <= limit:
+        return prompt_ids
+    if max_new_tokens >= limit or settings.overflow == "reject":
+        raise RequestError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} exceeds the context length "
+            f"of {limit} tokens; shorten the prompt (POST /tokenize with truncation) or lower max_new_tokens"
+        )
+    return prompt_ids[len(prompt_ids) + max_new_tokens - limit :]
+
+
+@dataclass
+class Outcome:
+    response: ProcessResponse
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str
+
+
+class CompletionService:
+    """Serves /process, /tokenize and /decode on one engine. Not thread-safe: callers serialise."""
+
+    def __init__(self, engine: Engine, settings: GenerationSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    def process(self, req: ProcessRequest) -> Outcome:
+        start = time.perf_counter()
+        params = resolve_params(req, self.settings, self.engine.vocab_size)
+        prompt_ids = self.engine.encode(req.prompt)
+        fitted = fit_context(prompt_ids, params.max_new_tokens, self.settings)
+        stops = StopMatcher(self._text, req.stop_sequences or [], self.settings.stop_sequences_in_output)
+
+        if params.max_new_tokens == 0 and not params.echo_prompt:
+            gen = Generation(prompt=[], completion=[], finish_reason="length")
+        else:
+            gen = self.engine.generate(fitted, params, stops)
+
+        completion_ids = [t.token_id for t in gen.completion]
+        text, kept = stops.cut(completion_ids)
+        tokens = [self._token(t) for t in gen.completion[:kept]]
+        if params.echo_prompt:
+            prompt_text = req.prompt if fitted is prompt_ids else self._text(fitted)
+            text = prompt_text + text
+            tokens = [self._token(t) for t in gen.prompt] + tokens
+        elapsed = time.perf_counter() - start
+        response = ProcessResponse(
+            text=text, tokens=tokens, logprob=sum(t.logprob for t in tokens), request_time=elapsed
+        )
+        return Outcome(response, len(fitted), kept, gen.finish_reason)
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        start = time.perf_counter()
+        ids = self.engine.encode(req.text)
+        if req.truncation and req.max_length is not None:
+            ids = ids[: req.max_length]
+        return TokenizeResponse(tokens=ids, request_time=time.perf_counter() - start)
+
+    def decode(self, req: DecodeRequest) -> DecodeResponse:
+        start = time.perf_counter()
+        bad = [i for i in req.tokens if not 0 <= i < self.engine.vocab_size]
+        if bad:
+            raise RequestError(f"tokens {bad[:5]} are outside the vocabulary [0, {self.engine.vocab_size})")
+        return DecodeResponse(text=self.engine.decode(req.tokens), request_time=time.perf_counter() - start)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.engine.decode(ids, skip_special_tokens=True)
+
+    def _token(self, scored: ScoredToken) -> Token:
+        top: dict[str, float] = {}
+        for token_id, logprob in scored.top:
+            key = self.engine.decode([token_id])
+            top[key] = max(logprob, top.get(key, logprob))
+        return Token(text=self.engine.decode([scored.token_id]), logprob=scored.logprob, top_logprob=top)

@@ -1,0 +1,73 @@
+"""Render a submission's Dockerfile from its spec (generation only; no building here).
+
+One Dockerfile serves every route to an image:
+- online (the challenge): base image from the table, requirements from PyPI,
+  weights downloaded at build time at the spec's revisions;
+- offline (air-gapped, CI): `--build-arg BASE_IMAGE=<local image>`, a
+  `wheelhouse/` folder beside the Dockerfile, `--build-arg FETCH_MODELS=0` and
+  the model mounted at run time on the same `MODEL_PATH`.
+A Hub token enters only as a BuildKit secret (`--secret id=hf_token`): never
+ARG, ENV or a file in a layer.
+"""
+
+from __future__ import annotations
+
+from .base_images import BaseImage
+from .spec import Spec
+
+MODELS_DIR = "/models"
+WORKDIR = "/submission"
+
+
+def render_dockerfile(spec: Spec, base: BaseImage, spec_sha256: str, packager_version: str) -> str:
+    env_models = [f"MODEL_PATH={MODELS_DIR}/artifact"]
+    if spec.adapter is not None:
+        env_models.append(f"ADAPTER_PATH={MODELS_DIR}/adapter")
+    port = spec.server.port
+    return f"""\
+# Rendered by packager {packager_version} from submissions/{spec.name}/spec.toml
+# (sha256 {spec_sha256}). Edit the spec and rebuild, not this file.
+# Build (BuildKit):  docker build -t {spec.name} .
+# Private repos:     docker build --secret id=hf_token,env=HF_TOKEN -t {spec.name} .
+# Offline:           docker build --build-arg BASE_IMAGE=<local image> --build-arg FETCH_MODELS=0 ...
+#                    with the locked wheels in ./wheelhouse/ and the model mounted at {MODELS_DIR}/artifact
+ARG BASE_IMAGE={base.image}
+FROM ${{BASE_IMAGE}}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1 \\
+    PIP_NO_CACHE_DIR=1 \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \\
+    HF_HUB_DISABLE_TELEMETRY=1 \\
+    HF_HUB_OFFLINE=1
+WORKDIR {WORKDIR}
+
+# Locked requirements, without their dependencies' resolution: the lock is the whole
+# closure. torch ({base.torch}) comes with the base image and is never reinstalled.
+# A ./wheelhouse/ in the build context makes this step offline.
+RUN --mount=type=bind,target=/context \\
+    if [ -d /context/wheelhouse ]; then \\
+        python -m pip install --no-deps --no-index --find-links /context/wheelhouse -r /context/requirements.txt; \\
+    else \\
+        python -m pip install --no-deps -r /context/requirements.txt; \\
+    fi \\
+    && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+COPY serve_config.json main.py MANIFEST.json ./
+COPY helm_server/ ./helm_server/
+
+# Weights at the spec's revisions, fetched once at build time; the token is a build secret.
+ARG FETCH_MODELS=1
+RUN --mount=type=secret,id=hf_token,required=false \\
+    if [ "$FETCH_MODELS" = "1" ]; then \\
+        HF_HUB_OFFLINE=0 python -m helm_server.fetch serve_config.json {MODELS_DIR}; \\
+    else \\
+        echo "FETCH_MODELS=$FETCH_MODELS: mount the model at {MODELS_DIR}/artifact at run time"; \\
+    fi
+ENV {" ".join(env_models)}
+
+EXPOSE {port}
+HEALTHCHECK --interval=30s --timeout=10s --start-period=1200s --retries=3 \\
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=5)"
+CMD ["uvicorn", "main:app", "--host", "0.0.0.0", "--port", "{port}"]
+"""

@@ -1,0 +1,71 @@
+"""Spec -> build context: the files of one submission, as {relative path: bytes}.
+
+The server code is copied as is (the same for every submission); what differs
+per submission is data rendered from the spec: `serve_config.json`, the
+Dockerfile and `MANIFEST.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from helm_server.settings import SERVE_CONFIG_FILE, ServeConfig
+
+from . import __version__
+from .base_images import base_image
+from .dockerfile import render_dockerfile
+from .paths import INFERENCE, LOCK
+from .spec import Spec
+
+SERVER_PACKAGE = "helm_server"
+
+
+def serve_config(spec: Spec) -> ServeConfig:
+    return ServeConfig(
+        submission=spec.name,
+        model=spec.artifact,
+        adapter=spec.adapter,
+        generation=spec.generation,
+        server=spec.server,
+    )
+
+
+def _json(data: object) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def server_sources(inference_dir: Path = INFERENCE) -> dict[str, bytes]:
+    """main.py and the server package; never bytecode or editor droppings."""
+    files = {"main.py": (inference_dir / "main.py").read_bytes()}
+    for path in sorted((inference_dir / SERVER_PACKAGE).glob("*.py")):
+        files[f"{SERVER_PACKAGE}/{path.name}"] = path.read_bytes()
+    return files
+
+
+def manifest(spec: Spec, spec_sha256: str, files: dict[str, bytes]) -> bytes:
+    base = base_image(spec.image.base)
+    return _json(
+        {
+            "submission": spec.name,
+            "packager_version": __version__,
+            "spec": {"path": f"submissions/{spec.name}/spec.toml", "sha256": spec_sha256},
+            "models": {
+                role: {"repo_id": ref.repo_id, "revision": ref.revision, "pinned": ref.is_pinned}
+                for role, ref in spec.model_refs().items()
+            },
+            "base_image": {"key": base.key, "image": base.image, "torch": base.torch, "cuda": base.cuda},
+            "files": {path: hashlib.sha256(data).hexdigest() for path, data in sorted(files.items())},
+        }
+    )
+
+
+def render(spec: Spec, spec_sha256: str, lock: Path = LOCK) -> dict[str, bytes]:
+    """Every file of the build context, MANIFEST.json last (it hashes the others)."""
+    files = server_sources()
+    files[SERVE_CONFIG_FILE] = _json(serve_config(spec).model_dump(mode="json"))
+    files["requirements.txt"] = lock.read_bytes()
+    files["Dockerfile"] = render_dockerfile(spec, base_image(spec.image.base), spec_sha256, __version__).encode("utf-8")
+    files["MANIFEST.json"] = manifest(spec, spec_sha256, files)
+    return files

@@ -1,0 +1,225 @@
+"""The submission spec: one TOML file per submission, validated here.
+
+A spec records every decision behind an entry: which weights (at which
+revisions), how they were quantized, how the adapter was trained and on what
+data, and how the server generates. Quantization and training sections are
+written so that those stages read them directly. The generation, server and
+model-reference sections are the server's own settings models, so a spec can
+never say something the server would not understand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from helm_server.settings import GenerationSettings, ModelSource, ServedModel, ServerSettings
+
+SPEC_FILE = "spec.toml"
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; the message names the file, the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- quantization -----------------------------------------------------------------
+
+
+class Calibration(_Strict):
+    """Calibration text for GPTQ: `num_samples` windows of `seq_len` tokens."""
+
+    dataset: str = "wikitext"
+    config: str | None = "wikitext-2-raw-v1"
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = Field(default=120, gt=0)
+    seq_len: int = Field(default=4096, gt=0)
+    seed: int = 0
+
+
+class Quantization(_Strict):
+    method: Literal["gptq"] = "gptq"
+    tool: Literal["gptqmodel"] = Field(default="gptqmodel", description="GPTQModel, the successor of AutoGPTQ")
+    bits: Literal[2, 3, 4, 8]
+    group_size: int = Field(default=128, description="-1 for per-column quantization")
+    desc_act: bool = Field(default=False, description="act-order")
+    sym: bool = True
+    damp_percent: float = Field(default=0.01, gt=0, lt=1)
+    calibration: Calibration = Calibration()
+
+    @model_validator(mode="after")
+    def _group_size(self) -> "Quantization":
+        g = self.group_size
+        if g != -1 and (g <= 0 or g & (g - 1)):
+            raise ValueError(f"group_size {g} must be -1 or a power of two (32, 64, 128, ...)")
+        return self
+
+
+# --- training ---------------------------------------------------------------------
+
+
+class Lora(_Strict):
+    r: int = Field(gt=0)
+    alpha: int = Field(gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1, description="module name suffixes, e.g. attn.c_attn")
+    layers: Literal["all"] | list[int] = "all"
+
+
+class Optimizer(_Strict):
+    name: Literal["lion", "adamw", "paged_adamw_8bit"]
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class Schedule(_Strict):
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(default=1, gt=0)
+    gradient_accumulation: int = Field(default=1, gt=0)
+    max_length: int = Field(gt=0)
+    seed: int = 42
+
+
+class Oasst1(_Strict):
+    """OpenAssistant oasst1: first-ranked replies to root prompts."""
+
+    source: Literal["oasst1"]
+    repo_id: str = "OpenAssistant/oasst1"
+    splits: list[str] = ["train", "validation"]
+    language: str = "en"
+    reply_rank: int = 0
+    parent: Literal["root"] = "root"
+    drop_if_mentions: list[str] = ["open assist", "open-assist", "chatgpt", "laion"]
+
+
+class Lima(_Strict):
+    source: Literal["lima"]
+    repo_id: str = "GAIR/lima"
+    split: str = "train"
+    limit: int | None = Field(default=1000, gt=0)
+
+
+class Arc(_Strict):
+    """ARC questions, several per example in "Question: ... / A. ... / Answer: X" form."""
+
+    source: Literal["arc"]
+    repo_id: str = "allenai/ai2_arc"
+    subset: Literal["ARC-Challenge", "ARC-Easy"] = "ARC-Challenge"
+    splits: list[str] = ["train", "validation", "test"]
+    questions_per_example: int = Field(default=6, gt=0)
+
+
+class Humpback(_Strict):
+    """Humpback self-augmented C4 data (instruction back-translation)."""
+
+    source: Literal["humpback"]
+    repo_id: str = Field(min_length=1)
+    split: str = "train"
+    limit: int | None = Field(default=None, gt=0)
+
+
+DataSource = Annotated[Union[Oasst1, Lima, Arc, Humpback], Field(discriminator="source")]
+
+
+class Training(_Strict):
+    method: Literal["qlora"] = "qlora"
+    lora: Lora
+    optimizer: Optimizer
+    schedule: Schedule
+    data: list[DataSource] = Field(min_length=1)
+
+
+# --- the spec ----------------------------------------------------------------------
+
+
+class Image(_Strict):
+    base: str = Field(default="cuda-4090", description="a key of packager/data/base_images.toml")
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str = ""
+    base_model: ModelSource
+    artifact: ServedModel = Field(description="what the server loads (the quantized model)")
+    adapter: ModelSource | None = None
+    quantization: Quantization | None = None
+    training: Training | None = None
+    generation: GenerationSettings
+    server: ServerSettings = ServerSettings()
+    image: Image = Image()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Spec":
+        if self.training is not None and self.adapter is None:
+            raise ValueError("[training] produces an adapter: add an [adapter] section naming where it is published")
+        if self.generation.default_max_new_tokens > self.generation.context_length:
+            raise ValueError("generation.default_max_new_tokens exceeds generation.context_length")
+        return self
+
+    def model_refs(self) -> dict[str, ModelSource]:
+        refs: dict[str, ModelSource] = {"base_model": self.base_model, "artifact": self.artifact}
+        if self.adapter is not None:
+            refs["adapter"] = self.adapter
+        return refs
+
+    def unpinned(self) -> list[str]:
+        """Model references whose revision is a branch or tag rather than a commit."""
+        return [f"{k} {r.repo_id}@{r.revision}" for k, r in self.model_refs().items() if not r.is_pinned]
+
+
+# --- loading -----------------------------------------------------------------------
+
+_HINTS = {
+    "extra_forbidden": "unknown field: check its spelling against README's spec format, or remove it",
+    "missing": "required: add it",
+    "literal_error": "use one of the allowed values",
+    "union_tag_invalid": "set `source` to one of oasst1, lima, arc, humpback",
+}
+
+
+def _describe(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid spec ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        hint = _HINTS.get(e["type"])
+        lines.append(f"  - {loc}: {e['msg']}" + (f" ({hint})" if hint else ""))
+    return "\n".join(lines)
+
+
+def parse_spec(path: Path, text: str) -> Spec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_describe(path, e)) from None
+    folder = path.parent.name
+    if path.name == SPEC_FILE and folder != spec.name:
+        raise SpecError(f"{path}: name = {spec.name!r} but the folder is {folder!r}; make them the same")
+    return spec
+
+
+def spec_path(submissions_dir: Path, name: str) -> Path:
+    path = submissions_dir / name / SPEC_FILE
+    if not path.is_file():
+        known = sorted(p.parent.name for p in submissions_dir.glob(f"*/{SPEC_FILE}"))
+        raise SpecError(f"no spec at {path}; known submissions: {', '.join(known) or 'none'}")
+    return path
+
+
+def load_spec(path: Path) -> tuple[Spec, str]:
+    """Parse and validate a spec file; return it with the sha256 of its bytes."""
+    data = Path(path).read_bytes()
+    return parse_spec(Path(path), data.decode("utf-8")), hashlib.sha256(data).hexdigest()
