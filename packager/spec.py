@@ -162,8 +162,6 @@ class Spec(_Strict):
     def _coherent(self) -> "Spec":
         if self.training is not None and self.adapter is None:
             raise ValueError("[training] produces an adapter: add an [adapter] section naming where it is published")
-        if self.generation.default_max_new_tokens > self.generation.context_length:
-            raise ValueError("generation.default_max_new_tokens exceeds generation.context_length")
         return self
 
     def model_refs(self) -> dict[str, ModelSource]:

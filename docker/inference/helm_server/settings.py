@@ -75,6 +75,12 @@ class GenerationSettings(_Strict):
             raise ValueError("token ids must be >= 0")
         return ids
 
+    @model_validator(mode="after")
+    def _context_holds_default(self) -> "GenerationSettings":
+        if self.default_max_new_tokens > self.context_length:
+            raise ValueError("default_max_new_tokens exceeds context_length")
+        return self
+
 
 class ServerSettings(_Strict):
     """Process-level settings; the challenge's bot talks to port 80."""
@@ -93,12 +99,6 @@ class ServeConfig(_Strict):
     adapter: ModelSource | None = None
     generation: GenerationSettings
     server: ServerSettings = ServerSettings()
-
-    @model_validator(mode="after")
-    def _context_holds_defaults(self) -> "ServeConfig":
-        if self.generation.default_max_new_tokens > self.generation.context_length:
-            raise ValueError("generation.default_max_new_tokens exceeds generation.context_length")
-        return self
 
 
 def apply_environment(config: ServeConfig, environ: Mapping[str, str]) -> ServeConfig:

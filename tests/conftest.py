@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny Qwen-shaped model on disk, a live server on loopback, HELM's clients."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tiny_model import QWEN_EOS_ID, save_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app, timeout: float = 60.0) -> Iterator[str]:
+    """Run an ASGI app with uvicorn in a thread on loopback; yield its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def make_config(model_dir: Path, **generation):
+    from helm_server.settings import ServeConfig
+
+    gen = {"eos_token_ids": [QWEN_EOS_ID], "context_length": 256, "min_new_tokens": 0, **generation}
+    return ServeConfig.model_validate(
+        {"submission": "test", "model": {"repo_id": str(model_dir)}, "generation": gen, "server": {"device": "cpu"}}
+    )
+
+
+@pytest.fixture(scope="session")
+def base_url(tiny_model_dir) -> Iterator[str]:
+    from helm_server.app import create_app
+
+    with serving(create_app(make_config(tiny_model_dir))) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def _no_helm_url_override(monkeypatch):
+    # HELM's clients prefer this variable over base_url; a stray one would test another server.
+    monkeypatch.delenv("HELM_HTTP_MODEL_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def helm_client(base_url):
+    from helm.clients.http_model_client import HTTPModelClient
+    from helm.common.cache import BlackHoleCacheConfig
+
+    return HTTPModelClient(cache_config=BlackHoleCacheConfig(), base_url=base_url)
+
+
+@pytest.fixture
+def helm_tokenizer(base_url):
+    from helm.common.cache import BlackHoleCacheConfig
+    from helm.tokenizers.http_model_tokenizer import HTTPModelTokenizer
+
+    return HTTPModelTokenizer(cache_config=BlackHoleCacheConfig(), base_url=base_url)

@@ -1,0 +1,156 @@
+"""Specs: the three reference submissions, and the errors a user sees for bad ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from packager.build import validate
+from packager.cli import main
+from packager.spec import SpecError, load_spec, parse_spec
+
+SPECS = REPO / "submissions"
+
+
+def spec(n: int):
+    return load_spec(SPECS / f"submission-{n}" / "spec.toml")[0]
+
+
+def test_submission_1_is_the_reference_gptq_recipe():
+    s = spec(1)
+    assert s.base_model.repo_id == "Qwen/Qwen-14B"
+    q = s.quantization
+    assert (q.method, q.tool, q.bits, q.group_size, q.desc_act) == ("gptq", "gptqmodel", 8, 128, False)
+    assert (q.calibration.dataset, q.calibration.num_samples, q.calibration.seq_len) == ("wikitext", 120, 4096)
+    assert s.adapter is None and s.training is None
+    assert s.generation.eos_token_ids == [151643]
+
+
+def test_submission_2_is_the_reference_qlora_recipe():
+    t = spec(2).training
+    lora = t.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.layers) == (64, 16, 0.05, "all")
+    assert lora.target_modules == ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"]
+    assert (t.optimizer.name, t.optimizer.lr, t.optimizer.weight_decay) == ("lion", 1e-4, 0.1)
+    sch = t.schedule
+    assert (sch.scheduler, sch.warmup_ratio, sch.epochs) == ("cosine", 0.06, 5)
+    assert (sch.batch_size, sch.gradient_accumulation, sch.max_length) == (1, 32, 2048)
+    oasst, lima = t.data
+    assert oasst.source == "oasst1" and oasst.splits == ["train", "validation"] and oasst.language == "en"
+    assert (oasst.reply_rank, oasst.parent) == (0, "root")
+    assert oasst.drop_if_mentions == ["open assist", "open-assist", "chatgpt", "laion"]
+    assert lima.source == "lima" and lima.limit == 1000
+
+
+def test_submission_3_adds_arc_and_humpback_at_rank_32():
+    t = spec(3).training
+    assert t.lora.r == 32
+    sources = [d.source for d in t.data]
+    assert sources == ["oasst1", "lima", "arc", "humpback"]
+    arc = t.data[2]
+    assert (arc.subset, arc.splits, arc.questions_per_example) == ("ARC-Challenge", ["train", "validation", "test"], 6)
+
+
+def _write(tmp_path: Path, text: str, name: str = "my-sub") -> Path:
+    path = tmp_path / name / "spec.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _reference_text(n: int = 1) -> str:
+    return (SPECS / f"submission-{n}" / "spec.toml").read_text().replace(f'name = "submission-{n}"', 'name = "my-sub"')
+
+
+def test_unknown_field_names_the_file_and_the_field(tmp_path):
+    path = _write(tmp_path, _reference_text().replace("min_new_tokens = 1", "min_new_token = 1"))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert str(path) in message and "generation.min_new_token" in message and "unknown field" in message
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (("bits = 8", "bits = 5"), "quantization.bits"),
+        (("group_size = 128", "group_size = 100"), "power of two"),
+        (("eos_token_ids = [151643]", "eos_token_ids = []"), "generation.eos_token_ids"),
+        (("min_temperature = 1e-3", "min_temperature = 0"), "generation.min_temperature"),
+        (('overflow = "reject"', 'overflow = "wrap"'), "generation.overflow"),
+        (('repo_id = "ycchen/yc-test1"\n', ""), "artifact.repo_id"),
+    ],
+)
+def test_invalid_values_are_named(tmp_path, edit, expected):
+    path = _write(tmp_path, _reference_text().replace(*edit))
+    with pytest.raises(SpecError, match=expected.replace(".", r"\.")):
+        load_spec(path)
+
+
+def test_training_without_adapter_is_refused(tmp_path):
+    text = _reference_text(2)
+    start = text.index("[adapter]")
+    text = text[:start] + text[text.index("[quantization]") :]
+    with pytest.raises(SpecError, match=r"\[training\] produces an adapter"):
+        load_spec(_write(tmp_path, text))
+
+
+def test_unknown_data_source_is_refused(tmp_path):
+    with pytest.raises(SpecError, match="training.data.1"):
+        load_spec(_write(tmp_path, _reference_text(2).replace('source = "lima"', 'source = "alpaca"')))
+
+
+def test_toml_syntax_error_names_the_file(tmp_path):
+    path = _write(tmp_path, "name = \n")
+    with pytest.raises(SpecError, match=f"{path}: not valid TOML"):
+        load_spec(path)
+
+
+def test_name_must_match_folder(tmp_path):
+    path = _write(tmp_path, _reference_text(), name="other-folder")
+    with pytest.raises(SpecError, match="'my-sub' but the folder is 'other-folder'"):
+        load_spec(path)
+
+
+def test_unpinned_revisions_warn_and_strict_refuses(tmp_path):
+    path = _write(tmp_path, _reference_text())
+    _, _, warnings = validate(path)
+    assert any("Qwen/Qwen-14B@main" in w for w in warnings)
+    with pytest.raises(SpecError, match="--strict"):
+        validate(path, strict=True)
+
+
+def test_pinned_revisions_pass_strict(tmp_path):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    path = _write(tmp_path, _reference_text().replace('revision = "main"', f'revision = "{sha}"'))
+    assert validate(path, strict=True)[2] == []
+
+
+def test_unknown_base_image_is_refused(tmp_path):
+    path = _write(tmp_path, _reference_text().replace('base = "cuda-4090"', 'base = "cuda-9000"'))
+    with pytest.raises(SpecError, match="cuda-9000"):
+        validate(path)
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
+    _write(tmp_path, _reference_text().replace("bits = 8", "bits = 9"))
+    assert main(["--submissions", str(tmp_path), "validate", "my-sub"]) == 2
+    assert "quantization.bits" in capsys.readouterr().err
+    assert main(["--submissions", str(tmp_path), "validate", "nope"]) == 2
+    assert "known submissions: my-sub" in capsys.readouterr().err
+
+
+def test_parse_spec_accepts_minimal_spec():
+    text = """
+name = "tiny"
+[base_model]
+repo_id = "org/base"
+[artifact]
+repo_id = "org/artifact"
+[generation]
+eos_token_ids = [2]
+"""
+    s = parse_spec(Path("tiny/spec.toml"), text)
+    assert s.server.port == 80 and s.generation.default_top_k == 200 and s.quantization is None
