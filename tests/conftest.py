@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from tiny_model import QWEN_EOS_ID, save_tiny_model
+from packager.tiny_model import QWEN_EOS_ID, save_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ import requests
 import torch
 
 from helm_requests import completion, decoding, tokenization
-from tiny_model import QWEN_EOS_ID
+from packager.tiny_model import QWEN_EOS_ID
 
 PROMPT = "The capital of France is "
 
@@ -216,3 +216,11 @@ def test_concurrent_clients_are_served_in_turn(base_url):
 def test_health_reports_the_served_model(base_url, tiny_model_dir):
     body = requests.get(f"{base_url}/health", timeout=10).json()
     assert body["status"] == "ok" and body["model"] == str(tiny_model_dir)
+
+
+def test_conformance_checks_pass_against_the_server(base_url):
+    """The checks `make validate-N` runs against a container, here against the in-process server."""
+    from packager.conformance import run_checks
+
+    results = run_checks(base_url)
+    assert [r.name for r in results if not r.passed] == [], [r.detail for r in results if not r.passed]

@@ -1,6 +1,6 @@
-"""A tiny, randomly initialised Qwen2 model with a Qwen-shaped tokenizer.
+"""A tiny, randomly initialised Qwen2 model with a Qwen-shaped tokenizer: the offline stand-in.
 
-Built locally so tests never touch the Hub. The tokenizer is a byte-level BPE
+Built locally so tests and offline container validation never touch the Hub. The tokenizer is a byte-level BPE
 whose `<|endoftext|>` has id 151643 and whose model vocabulary is 151936, as in
 Qwen: so the reference specs' end-of-text id works unchanged against it.
 Ordinary ids above the trained merges are filler tokens that decode to plain
@@ -88,4 +88,6 @@ def save_tiny_model(directory: Path) -> Path:
 if __name__ == "__main__":
     import sys
 
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m packager.tiny_model OUTPUT_DIR")
     print(save_tiny_model(Path(sys.argv[1])))
