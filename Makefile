@@ -6,16 +6,25 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
-STRICT ?=
-PACKAGER_FLAGS := $(if $(filter 1 yes true,$(STRICT)),--strict,)
-SUBMISSIONS := $(sort $(patsubst submissions/%/spec.toml,%,$(wildcard submissions/*/spec.toml)))
+
+# Switches: STRICT=1 refuses unpinned revisions; OFFLINE=1 builds images from the local base
+# image and wheelhouse with no weights inside; MODEL=dir (ADAPTER=dir) mounts local weights.
+STRICT  ?=
+OFFLINE ?=
+MODEL   ?=
+ADAPTER ?=
+yes = $(filter 1 yes true,$(1))
+STRICT_FLAG  := $(if $(call yes,$(STRICT)),--strict)
+OFFLINE_FLAG := $(if $(call yes,$(OFFLINE)),--offline)
+OFFLINE_DEPS := $(if $(call yes,$(OFFLINE)),base-image wheelhouse)
+MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock specs submissions test clean $(SUBMISSIONS) submission-N
+.PHONY: help venv lock specs submissions test clean base-image wheelhouse tiny-model
 
 help: ## list the targets
-	@echo "Usage: make <target>   (STRICT=1 refuses unpinned revisions)"
-	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
+	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir]"
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,23 +35,38 @@ $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requiremen
 
 venv: $(STAMP) ## create .venv/ with the pinned dev and test dependencies
 
-lock: $(STAMP) ## re-resolve docker/inference/requirements.in into requirements.lock (needs PyPI)
-	$(PY) -m packager.lock
-
-specs: $(STAMP) ## validate every spec under submissions/
-	$(PY) -m packager validate $(PACKAGER_FLAGS)
-
-$(SUBMISSIONS): %: $(STAMP)
-	$(PY) -m packager build $(PACKAGER_FLAGS) $@
-
-submission-N: ## build dist/submission-N.zip and its build context dist/submission-N/ (N = 1, 2, 3)
-	@echo "name a submission: $(SUBMISSIONS)"; exit 2
+submission-%: $(STAMP) ## build dist/submission-N.zip and its build context dist/submission-N/
+	$(PY) -m packager build $(STRICT_FLAG) submission-$*
 
 submissions: $(STAMP) ## build every submission's zip into dist/
-	$(PY) -m packager build $(PACKAGER_FLAGS)
+	$(PY) -m packager build $(STRICT_FLAG)
+
+specs: $(STAMP) ## validate every spec under submissions/
+	$(PY) -m packager validate $(STRICT_FLAG)
 
 test: $(STAMP) ## run the whole test suite (CPU, no network)
 	$(PY) -m pytest
 
-clean: ## remove dist/ (keeps .venv/)
-	rm -rf dist
+image-%: $(STAMP) $(OFFLINE_DEPS) ## docker build of dist/submission-N.zip's own Dockerfile
+	$(PY) -m packager image $(STRICT_FLAG) $(OFFLINE_FLAG) submission-$*
+
+validate-%: $(STAMP) $(OFFLINE_DEPS) ## build, run with --network none, drive with HELM's client, report
+	$(PY) -m packager.validate submission-$* $(OFFLINE_FLAG) $(MODEL_FLAGS)
+
+serve-%: $(STAMP) $(OFFLINE_DEPS) ## run submission-N's container in the foreground on 127.0.0.1:8080
+	$(PY) -m packager serve $(OFFLINE_FLAG) $(if $(MODEL),--model $(MODEL)) submission-$*
+
+base-image: $(STAMP) ## build the offline CPU base image: debootstrap bookworm + torch (root, Docker)
+	$(PY) -m packager.offline base-image
+
+wheelhouse: $(STAMP) ## download the locked requirements' wheels into build/wheelhouse/
+	$(PY) -m packager.offline wheelhouse
+
+tiny-model: $(STAMP) ## write the tiny Qwen-shaped stand-in model to build/tiny-model/
+	$(PY) -m packager.tiny_model build/tiny-model
+
+lock: $(STAMP) ## re-resolve docker/inference/requirements.in into requirements.lock (needs PyPI)
+	$(PY) -m packager.lock
+
+clean: ## remove dist/ and build/ (keeps .venv/ and Docker images)
+	rm -rf dist build

@@ -37,6 +37,58 @@ def cmd_build(args: argparse.Namespace) -> None:
         print(f"built {built.zip_path}  (build context: {built.context_dir})")
 
 
+def _image_options(args: argparse.Namespace, name: str):
+    """Build options for `image` and `serve`: the zip's own Dockerfile, online or offline."""
+    import json
+    import os
+
+    from .base_images import base_image
+    from .image import BuildOptions, image_tag, unzip_context
+    from .offline import LOCAL_BASE_KEY, WHEELHOUSE
+
+    built = build(spec_path(Path(args.submissions), name), Path(args.dist), args.strict)
+    _warn(built.warnings)
+    context = unzip_context(built.zip_path)
+    sha = json.loads((context / "MANIFEST.json").read_text())["spec"]["sha256"]
+    opts = BuildOptions(tag=image_tag(name, sha), fetch_models=not args.offline, token=os.environ.get("HF_TOKEN") or None)
+    if args.offline:
+        opts.base_image, opts.wheelhouse = base_image(LOCAL_BASE_KEY).image, WHEELHOUSE
+    return context, opts
+
+
+def cmd_image(args: argparse.Namespace) -> None:
+    from .docker_cli import find_docker
+    from .image import build_image
+
+    docker = find_docker()
+    for name in _names(args):
+        context, opts = _image_options(args, name)
+        image = build_image(docker, context, opts)
+        print(f"built image {image.tag} ({image.size_bytes / 1e9:.2f} GB) in {image.seconds:.1f} s from {context}/Dockerfile")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Run the image in the foreground on a host port, as the organizers run it."""
+    from .container import MODELS_DIR, gpu_available
+    from .docker_cli import find_docker
+    from .image import build_image
+
+    if len(args.names) != 1:
+        raise SpecError("serve takes exactly one submission name")
+    docker = find_docker()
+    context, opts = _image_options(args, args.names[0])
+    if args.offline and args.model is None:
+        raise SpecError("--offline serving needs --model DIR: the offline image holds no weights")
+    image = build_image(docker, context, opts)
+    run = ["run", "--rm", "-it" if sys.stdin.isatty() else "-i", "-p", f"127.0.0.1:{args.port}:80"]
+    if gpu_available():
+        run += ["--gpus", "all"]
+    if args.model is not None:
+        run += ["-v", f"{Path(args.model).resolve()}:{MODELS_DIR}/artifact:ro", "-e", "ADAPTER_PATH=none"]
+    print(f"serving {image.tag} on http://127.0.0.1:{args.port} (Ctrl-C stops and removes it)", flush=True)
+    docker.run(*run, image.tag, check=False, capture=False)
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     for name in _names(args):
         print(name)
@@ -49,12 +101,19 @@ def parser() -> argparse.ArgumentParser:
     for name, func, text in [
         ("validate", cmd_validate, "check specs; warn on unpinned revisions"),
         ("build", cmd_build, "render, check and zip specs into dist/"),
+        ("image", cmd_image, "build the Docker image of each zip, from the zip's own Dockerfile"),
+        ("serve", cmd_serve, "build and run one submission's container in the foreground"),
         ("list", cmd_list, "list the submissions"),
     ]:
         c = sub.add_parser(name, help=text)
         c.add_argument("names", nargs="*", help="submission names (default: all)")
         c.add_argument("--strict", action="store_true", help="refuse revisions that are not commit hashes")
         c.add_argument("--dist", default=str(DIST), help="output folder (default: %(default)s)")
+        if name in ("image", "serve"):
+            c.add_argument("--offline", action="store_true", help="local base image and wheelhouse; no weights")
+        if name == "serve":
+            c.add_argument("--model", help="local model directory to mount read-only")
+            c.add_argument("--port", type=int, default=8080, help="host port on 127.0.0.1 (default %(default)s)")
         c.set_defaults(func=func)
     return p
 
@@ -64,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (SpecError, PackagingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # docker and file errors: one readable line, not a traceback
+        from .docker_cli import DockerError
+
+        if not isinstance(e, (DockerError, FileNotFoundError)):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -63,6 +63,7 @@ RUN --mount=type=secret,id=hf_token,required=false \\
         HF_HUB_OFFLINE=0 python -m helm_server.fetch serve_config.json {MODELS_DIR}; \\
     else \\
         echo "FETCH_MODELS=$FETCH_MODELS: mount the model at {MODELS_DIR}/artifact at run time"; \\
+        if [ -s /run/secrets/hf_token ]; then echo "a hub token was provided as a build secret (unused)"; fi; \\
     fi
 ENV {" ".join(env_models)}
 

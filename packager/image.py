@@ -1,0 +1,95 @@
+"""Zip -> image: unzip a built submission and `docker build` its own Dockerfile.
+
+The image is built from the zip's contents, so the Dockerfile that is built
+is byte for byte the one that would be submitted. Offline builds add the
+wheelhouse to the unzipped context (never to the zip) and pass the local
+base image and FETCH_MODELS=0 as build arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .docker_cli import Docker
+from .paths import REPO
+
+CONTEXTS = REPO / "build" / "contexts"
+SECRET_ID = "hf_token"
+
+
+@dataclass
+class BuildOptions:
+    tag: str
+    base_image: str | None = None  # overrides the Dockerfile's BASE_IMAGE default
+    fetch_models: bool = True
+    wheelhouse: Path | None = None
+    token: str | None = field(default=None, repr=False)  # handed to the build as a BuildKit secret only
+    no_cache: bool = False
+
+
+@dataclass
+class BuiltImage:
+    tag: str
+    context: Path
+    seconds: float
+    size_bytes: int
+    log: str = ""
+
+
+def image_tag(name: str, spec_sha256: str) -> str:
+    return f"llm-challenge/{name}:{spec_sha256[:12]}"
+
+
+def unzip_context(zip_path: Path, dest_root: Path = CONTEXTS) -> Path:
+    """Unzip a submission into a fresh folder; return its single top-level folder."""
+    with zipfile.ZipFile(zip_path) as zf:
+        top = {Path(n).parts[0] for n in zf.namelist()}
+        if len(top) != 1:
+            raise ValueError(f"{zip_path}: expected one top-level folder, found {sorted(top)}")
+        target = dest_root / top.pop()
+        if target.exists():
+            shutil.rmtree(target)
+        zf.extractall(dest_root)
+    return target
+
+
+def _add_wheelhouse(context: Path, wheelhouse: Path) -> None:
+    wheels = sorted(wheelhouse.glob("*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"{wheelhouse} holds no wheels: run `make wheelhouse` first")
+    dest = context / "wheelhouse"
+    dest.mkdir(exist_ok=True)
+    for wheel in wheels:
+        try:
+            os.link(wheel, dest / wheel.name)
+        except OSError:
+            shutil.copy2(wheel, dest / wheel.name)
+
+
+def build_image(docker: Docker, context: Path, opts: BuildOptions, capture: bool = False) -> BuiltImage:
+    """docker build the context; with `capture` the build's output is kept in BuiltImage.log."""
+    if opts.wheelhouse is not None:
+        _add_wheelhouse(context, opts.wheelhouse)
+    args = ["build", "-t", opts.tag, "--build-arg", f"FETCH_MODELS={1 if opts.fetch_models else 0}"]
+    if opts.base_image:
+        args += ["--build-arg", f"BASE_IMAGE={opts.base_image}"]
+    if opts.no_cache:
+        args.append("--no-cache")
+    with tempfile.TemporaryDirectory(prefix="secret-") as tmp:
+        if opts.token:
+            secret = Path(tmp) / SECRET_ID
+            secret.touch(mode=0o600)
+            secret.write_text(opts.token)
+            args += ["--secret", f"id={SECRET_ID},src={secret}"]
+        start = time.perf_counter()
+        proc = docker.run("build", "--progress", "plain", *args[1:], str(context), capture=capture)
+        seconds = time.perf_counter() - start
+    size = int(docker.out("image", "inspect", "--format", "{{.Size}}", opts.tag))
+    log = (proc.stdout or b"").decode(errors="replace") + (proc.stderr or b"").decode(errors="replace")
+    return BuiltImage(opts.tag, context, seconds, size, log)

@@ -1,0 +1,156 @@
+"""`make validate-N`: build the submission's image, run it sealed off, drive it with HELM, report.
+
+    python -m packager.validate submission-1 [--offline] [--model DIR] [--adapter DIR]
+
+Steps: budget check -> zip -> unzip -> docker build (its own Dockerfile) ->
+run with --network none -> wait for /health -> HELM conformance requests ->
+report. The container is removed whatever happens, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import budget as budget_mod
+from .base_images import base_image
+from .build import build
+from .checks import PackagingError
+from .conformance import CheckResult
+from .container import Mounts, gpu_available, logs, peak_memory_bytes, running, wait_healthy
+from .docker_cli import DockerError, find_docker
+from .image import BuildOptions, build_image, image_tag, unzip_context
+from .offline import LOCAL_BASE_KEY, WHEELHOUSE
+from .paths import DIST, REPO, SUBMISSIONS
+from .spec import SpecError, spec_path
+
+TINY_MODEL = REPO / "build" / "tiny-model"
+
+
+@dataclass
+class Report:
+    submission: str
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
+
+    def add(self, key: str, value: str) -> None:
+        self.lines.append((key, value))
+        print(f"[validate] {key}: {value}", flush=True)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def render(self) -> str:
+        out = [f"== validation report: {self.submission} =="]
+        out += [f"  {k:<18} {v}" for k, v in self.lines]
+        for c in self.checks:
+            out.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<42} {c.seconds * 1000:8.0f} ms  {c.detail}")
+        out.append(f"== {'PASSED' if self.passed else 'FAILED'} ==")
+        return "\n".join(out)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _conformance(c, timeout: float) -> list[CheckResult]:
+    cmd = c.in_netns(sys.executable, "-m", "packager.conformance", "http://127.0.0.1:80", "--json")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    results = [CheckResult(**json.loads(line)) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not results:
+        raise DockerError(f"the conformance run produced no results: {proc.stderr[-2000:]}")
+    return results
+
+
+def validate(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float) -> Report:
+    report = Report(name)
+    docker = find_docker()
+    built = build(spec_path(SUBMISSIONS, name), DIST)
+    spec = built.spec
+    if model is None and offline:
+        model = _tiny_model()
+    estimate = budget_mod.check(spec, model)
+    report.add("gpu budget", estimate.describe())
+
+    context = unzip_context(built.zip_path)
+    with zipfile.ZipFile(built.zip_path) as zf:
+        zipped = zf.read(f"{name}/Dockerfile")
+    same = (context / "Dockerfile").read_bytes() == zipped
+    report.add("dockerfile", f"{'identical to' if same else 'DIFFERS FROM'} {built.zip_path.name}'s (sha256 {_sha(zipped)})")
+    spec_sha = json.loads((context / "MANIFEST.json").read_text())["spec"]["sha256"]
+    opts = BuildOptions(tag=image_tag(name, spec_sha), fetch_models=model is None)
+    if offline:
+        opts.base_image = base_image(LOCAL_BASE_KEY).image
+        opts.wheelhouse = WHEELHOUSE
+        if not docker.image_exists(opts.base_image):
+            raise DockerError(f"the local base image {opts.base_image} is missing: run `make base-image` first")
+    opts.token = os.environ.get("HF_TOKEN") or None
+    image = build_image(docker, context, opts)
+    report.add("mode", f"{'offline' if offline else 'online'}; base {opts.base_image or 'from the Dockerfile'}")
+    report.add("build time", f"{image.seconds:.1f} s")
+    report.add("image", f"{image.tag}, {image.size_bytes / 1e9:.2f} GB")
+
+    gpus = gpu_available()
+    mounts = Mounts(model=model, adapter=adapter) if model is not None else Mounts()
+    report.add("model", f"{model} (mounted read-only)" if model else "baked into the image at build time")
+    report.add("run", f"--network none{', --gpus all' if gpus else ', CPU only'}")
+    with running(docker, image.tag, mounts, gpus) as c:
+        try:
+            report.add("time to healthy", f"{wait_healthy(docker, c, timeout):.1f} s")
+            report.checks = _conformance(c, timeout)
+            peak = peak_memory_bytes(docker, c)
+            report.add("peak memory", f"{peak / 1e9:.2f} GB (container cgroup)" if peak else "unknown")
+        finally:
+            if not report.passed:
+                print("---- container logs (tail) ----\n" + logs(docker, c), file=sys.stderr)
+    return report
+
+
+def _tiny_model() -> Path:
+    if not (TINY_MODEL / "config.json").is_file():
+        from .tiny_model import save_tiny_model
+
+        save_tiny_model(TINY_MODEL)
+    return TINY_MODEL
+
+
+def _interrupt(signum, frame):  # SIGTERM behaves as Ctrl-C, so cleanup runs
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("name", help="submission name, e.g. submission-1")
+    p.add_argument("--offline", action="store_true", help="local base image + wheelhouse + mounted model")
+    p.add_argument("--model", type=Path, help="local model directory to mount (offline default: a tiny stand-in)")
+    p.add_argument("--adapter", type=Path, help="local adapter directory to mount")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds to wait for /health (default 1200)")
+    args = p.parse_args(argv)
+    for given in (args.model, args.adapter):
+        if given is not None and not given.is_dir():
+            print(f"error: {given} is not a directory", file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = validate(args.name, args.offline, args.model, args.adapter, args.timeout)
+    except (SpecError, PackagingError, DockerError, budget_mod.BudgetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except subprocess.TimeoutExpired as e:
+        print(f"error: timed out: {e}", file=sys.stderr)
+        return 1
+    print(report.render())
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
