@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -14,6 +15,8 @@ import pytest
 from packager.tiny_model import QWEN_EOS_ID, save_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
+# The suite runs on the CPU; TEST_DEVICE=cuda runs the server tests on a GPU machine.
+TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 
 
 def free_port() -> int:
@@ -67,7 +70,7 @@ def make_config(model_dir: Path, **generation):
 
     gen = {"eos_token_ids": [QWEN_EOS_ID], "context_length": 256, "min_new_tokens": 0, **generation}
     return ServeConfig.model_validate(
-        {"submission": "test", "model": {"repo_id": str(model_dir)}, "generation": gen, "server": {"device": "cpu"}}
+        {"submission": "test", "model": {"repo_id": str(model_dir)}, "generation": gen, "server": {"device": TEST_DEVICE}}
     )
 
 
