@@ -74,7 +74,12 @@ def weight_bytes(shape: Shape, bits: int | None, group_size: int) -> float:
 
 
 def _local_shape(model_dir: Path) -> tuple[float, Shape]:
-    config = json.loads((model_dir / "config.json").read_text())
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise BudgetError(f"{model_dir} has no config.json: not a Hugging Face model directory") from None
+    except json.JSONDecodeError as e:
+        raise BudgetError(f"{model_dir}/config.json is not valid JSON ({e})") from None
     size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.name.endswith(WEIGHT_SUFFIXES))
     heads = config.get("num_attention_heads", 1)
     hidden = config.get("hidden_size", 0)

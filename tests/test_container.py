@@ -93,6 +93,15 @@ def test_budget_accepts_the_reference_and_refuses_fp16_qwen_14b(tmp_path):
     assert estimate(unquantized).total_bytes > 24 * (1 << 30)
 
 
+def test_budget_names_a_bad_model_directory(tmp_path):
+    spec, _ = load_spec(REPO / "submissions" / "submission-1" / "spec.toml")
+    with pytest.raises(BudgetError, match="no config.json"):
+        estimate(spec, tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BudgetError, match="not valid JSON"):
+        estimate(spec, tmp_path)
+
+
 def test_budget_measures_a_local_model(tiny_model_dir):
     spec, _ = load_spec(REPO / "submissions" / "submission-1" / "spec.toml")
     measured = estimate(spec, tiny_model_dir)
@@ -114,3 +123,17 @@ def test_validate_cli_refuses_a_missing_model_dir(capsys):
 
     assert main(["submission-1", "--offline", "--model", "/no/such/dir"]) == 2
     assert "/no/such/dir is not a directory" in capsys.readouterr().err
+
+
+def test_failed_validation_prints_logs_and_removes_the_container(tmp_path, capsys, tiny_model_dir):
+    docker, _ = _docker_or_skip()
+    broken = tmp_path / "broken-model"  # passes the budget check, then fails to load in the container
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    from packager.validate import validate
+
+    with pytest.raises(DockerError, match="stopped while starting"):
+        validate("submission-1", offline=True, model=broken, adapter=None, timeout=120)
+    assert "container logs" in capsys.readouterr().err
+    leftovers = docker.out("ps", "-a", "--filter", "name=llmc-validate", "--format", "{{.Names}}")
+    assert leftovers == ""
