@@ -88,3 +88,45 @@ def test_serve_config_rejects_unknown_keys():
         ServeConfig.model_validate(
             {"submission": "x", "model": {"repo_id": "m"}, "generation": {"eos_token_ids": [1], "temprature": 1}}
         )
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter_dir(tmp_path_factory, tiny_model):
+    """A LoRA adapter with non-zero weights, so it visibly changes the model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(tiny_model), config)
+    path = tmp_path_factory.mktemp("tiny-adapter")
+    peft_model.save_pretrained(path)
+    return path
+
+
+def test_adapter_from_adapter_path_changes_the_served_logprobs(tiny_model_dir, tiny_model, tiny_tokenizer, tiny_adapter_dir):
+    from peft import PeftModel
+
+    from helm_server.app import create_app
+
+    text = "Question: What is two plus two?\\nAnswer: four"
+    ids = tiny_tokenizer(text)["input_ids"]
+    config = apply_environment(make_config(tiny_model_dir), {"ADAPTER_PATH": str(tiny_adapter_dir)})
+    with serving(create_app(config)) as url:
+        body = {"prompt": text, "echo_prompt": True, "max_new_tokens": 0}
+        served = [t["logprob"] for t in requests.post(f"{url}/process", json=body, timeout=60).json()["tokens"][1:]]
+        health = requests.get(f"{url}/health", timeout=10).json()
+
+    import copy
+
+    adapted = PeftModel.from_pretrained(copy.deepcopy(tiny_model), tiny_adapter_dir).eval()  # wraps in place
+    with torch.no_grad():
+        logits = adapted(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    assert health["adapter"] == str(tiny_adapter_dir)
+    assert torch.allclose(torch.tensor(served), expected, atol=1e-4)
+    with torch.no_grad(), adapted.disable_adapter():
+        base = torch.log_softmax(adapted(torch.tensor([ids])).logits[0].float(), -1)[:-1]
+    base = base.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    assert not torch.allclose(base, expected, atol=1e-3)  # the adapter really is applied
