@@ -15,6 +15,7 @@ from .spec import Spec, SpecError, load_spec
 @dataclass
 class Built:
     spec: Spec
+    spec_sha256: str
     zip_path: Path
     context_dir: Path
     warnings: list[str]
@@ -45,4 +46,4 @@ def build(spec_file: Path, dist: Path, strict: bool = False) -> Built:
     context_dir = dist / spec.name
     write_tree(context_dir, context)
     zip_bytes_to(zip_path, entries)
-    return Built(spec, zip_path, context_dir, warnings)
+    return Built(spec, sha, zip_path, context_dir, warnings)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .build import build, validate
 from .checks import PackagingError
+from .docker_cli import DockerError, find_docker
 from .paths import DIST, SUBMISSIONS
 from .spec import SPEC_FILE, SpecError, spec_path
 
@@ -37,32 +38,18 @@ def cmd_build(args: argparse.Namespace) -> None:
         print(f"built {built.zip_path}  (build context: {built.context_dir})")
 
 
-def _image_options(args: argparse.Namespace, name: str):
-    """Build options for `image` and `serve`: the zip's own Dockerfile, online or offline."""
-    import json
-    import os
-
-    from .base_images import base_image
-    from .image import BuildOptions, image_tag, unzip_context
-    from .offline import LOCAL_BASE_KEY, WHEELHOUSE
-
+def _built(args: argparse.Namespace, name: str):
     built = build(spec_path(Path(args.submissions), name), Path(args.dist), args.strict)
     _warn(built.warnings)
-    context = unzip_context(built.zip_path)
-    sha = json.loads((context / "MANIFEST.json").read_text())["spec"]["sha256"]
-    opts = BuildOptions(tag=image_tag(name, sha), fetch_models=not args.offline, token=os.environ.get("HF_TOKEN") or None)
-    if args.offline:
-        opts.base_image, opts.wheelhouse = base_image(LOCAL_BASE_KEY).image, WHEELHOUSE
-    return context, opts
+    return built
 
 
 def cmd_image(args: argparse.Namespace) -> None:
-    from .docker_cli import find_docker
-    from .image import build_image
+    from .image import build_image, prepare
 
     docker = find_docker()
     for name in _names(args):
-        context, opts = _image_options(args, name)
+        context, opts = prepare(docker, _built(args, name), args.offline, fetch_models=not args.offline)
         image = build_image(docker, context, opts)
         print(f"built image {image.tag} ({image.size_bytes / 1e9:.2f} GB) in {image.seconds:.1f} s from {context}/Dockerfile")
 
@@ -70,15 +57,16 @@ def cmd_image(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     """Run the image in the foreground on a host port, as the organizers run it."""
     from .container import MODELS_DIR, gpu_available
-    from .docker_cli import find_docker
-    from .image import build_image
+    from .image import build_image, prepare
 
     if len(args.names) != 1:
         raise SpecError("serve takes exactly one submission name")
-    docker = find_docker()
-    context, opts = _image_options(args, args.names[0])
     if args.offline and args.model is None:
         raise SpecError("--offline serving needs --model DIR: the offline image holds no weights")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise SpecError(f"--model {args.model} is not a directory")
+    docker = find_docker()
+    context, opts = prepare(docker, _built(args, args.names[0]), args.offline, fetch_models=not args.offline)
     image = build_image(docker, context, opts)
     run = ["run", "--rm", "-it" if sys.stdin.isatty() else "-i", "-p", f"127.0.0.1:{args.port}:80"]
     if gpu_available():
@@ -122,14 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (SpecError, PackagingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # docker and file errors: one readable line, not a traceback
-        from .docker_cli import DockerError
-
-        if not isinstance(e, (DockerError, FileNotFoundError)):
-            raise
+    except (SpecError, PackagingError, DockerError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -76,7 +76,7 @@ def wait_healthy(docker: Docker, c: Running, timeout: float) -> float:
     start = time.perf_counter()
     while True:
         state = docker.out("inspect", "--format", "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", c.id)
-        if state.startswith("running") and state.endswith("healthy") and not state.endswith("unhealthy"):
+        if state == "running healthy":
             return time.perf_counter() - start
         if not state.startswith(("running", "created")):
             raise DockerError(f"the container stopped while starting (state: {state})")

@@ -16,7 +16,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .docker_cli import Docker
+from .base_images import base_image
+from .build import Built
+from .docker_cli import Docker, DockerError
+from .offline import LOCAL_BASE_KEY, WHEELHOUSE
 from .paths import REPO
 
 CONTEXTS = REPO / "build" / "contexts"
@@ -59,6 +62,25 @@ def unzip_context(zip_path: Path, dest_root: Path = CONTEXTS) -> Path:
     return target
 
 
+def prepare(docker: Docker, built: Built, offline: bool, fetch_models: bool) -> tuple[Path, BuildOptions]:
+    """Unzip a built submission and choose its build options, online or offline.
+
+    Offline: the local base image and the wheelhouse (both must exist). A Hub
+    token in HF_TOKEN becomes a build secret, nothing else.
+    """
+    context = unzip_context(built.zip_path)
+    opts = BuildOptions(
+        tag=image_tag(built.spec.name, built.spec_sha256),
+        fetch_models=fetch_models,
+        token=os.environ.get("HF_TOKEN") or None,
+    )
+    if offline:
+        opts.base_image, opts.wheelhouse = base_image(LOCAL_BASE_KEY).image, WHEELHOUSE
+        if not docker.image_exists(opts.base_image):
+            raise DockerError(f"the local base image {opts.base_image} is missing: run `make base-image` first")
+    return context, opts
+
+
 def _add_wheelhouse(context: Path, wheelhouse: Path) -> None:
     wheels = sorted(wheelhouse.glob("*.whl"))
     if not wheels:
@@ -76,7 +98,7 @@ def build_image(docker: Docker, context: Path, opts: BuildOptions, capture: bool
     """docker build the context; with `capture` the build's output is kept in BuiltImage.log."""
     if opts.wheelhouse is not None:
         _add_wheelhouse(context, opts.wheelhouse)
-    args = ["build", "-t", opts.tag, "--build-arg", f"FETCH_MODELS={1 if opts.fetch_models else 0}"]
+    args = ["build", "--progress", "plain", "-t", opts.tag, "--build-arg", f"FETCH_MODELS={int(opts.fetch_models)}"]
     if opts.base_image:
         args += ["--build-arg", f"BASE_IMAGE={opts.base_image}"]
     if opts.no_cache:
@@ -88,7 +110,7 @@ def build_image(docker: Docker, context: Path, opts: BuildOptions, capture: bool
             secret.write_text(opts.token)
             args += ["--secret", f"id={SECRET_ID},src={secret}"]
         start = time.perf_counter()
-        proc = docker.run("build", "--progress", "plain", *args[1:], str(context), capture=capture)
+        proc = docker.run(*args, str(context), capture=capture)
         seconds = time.perf_counter() - start
     size = int(docker.out("image", "inspect", "--format", "{{.Size}}", opts.tag))
     log = (proc.stdout or b"").decode(errors="replace") + (proc.stderr or b"").decode(errors="replace")

@@ -14,7 +14,7 @@ from pathlib import Path
 from helm_server.settings import SERVE_CONFIG_FILE, ServeConfig
 
 from . import __version__
-from .base_images import base_image
+from .base_images import BaseImage, base_image
 from .dockerfile import render_dockerfile
 from .paths import INFERENCE, LOCK
 from .spec import Spec
@@ -44,8 +44,7 @@ def server_sources(inference_dir: Path = INFERENCE) -> dict[str, bytes]:
     return files
 
 
-def manifest(spec: Spec, spec_sha256: str, files: dict[str, bytes]) -> bytes:
-    base = base_image(spec.image.base)
+def manifest(spec: Spec, spec_sha256: str, base: BaseImage, files: dict[str, bytes]) -> bytes:
     return _json(
         {
             "submission": spec.name,
@@ -63,9 +62,10 @@ def manifest(spec: Spec, spec_sha256: str, files: dict[str, bytes]) -> bytes:
 
 def render(spec: Spec, spec_sha256: str, lock: Path = LOCK) -> dict[str, bytes]:
     """Every file of the build context, MANIFEST.json last (it hashes the others)."""
+    base = base_image(spec.image.base)
     files = server_sources()
     files[SERVE_CONFIG_FILE] = _json(serve_config(spec).model_dump(mode="json"))
     files["requirements.txt"] = lock.read_bytes()
-    files["Dockerfile"] = render_dockerfile(spec, base_image(spec.image.base), spec_sha256, __version__).encode("utf-8")
-    files["MANIFEST.json"] = manifest(spec, spec_sha256, files)
+    files["Dockerfile"] = render_dockerfile(spec, base, spec_sha256, __version__).encode("utf-8")
+    files["MANIFEST.json"] = manifest(spec, spec_sha256, base, files)
     return files

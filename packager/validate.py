@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,14 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import budget as budget_mod
-from .base_images import base_image
 from .build import build
 from .checks import PackagingError
 from .conformance import CheckResult
 from .container import Mounts, gpu_available, logs, peak_memory_bytes, running, wait_healthy
 from .docker_cli import DockerError, find_docker
-from .image import BuildOptions, build_image, image_tag, unzip_context
-from .offline import LOCAL_BASE_KEY, WHEELHOUSE
+from .image import build_image, prepare
 from .paths import DIST, REPO, SUBMISSIONS
 from .spec import SpecError, spec_path
 
@@ -81,26 +78,18 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
     estimate = budget_mod.check(spec, model)
     report.add("gpu budget", estimate.describe())
 
-    context = unzip_context(built.zip_path)
+    context, opts = prepare(docker, built, offline, fetch_models=model is None)
     with zipfile.ZipFile(built.zip_path) as zf:
         zipped = zf.read(f"{name}/Dockerfile")
     same = (context / "Dockerfile").read_bytes() == zipped
     report.add("dockerfile", f"{'identical to' if same else 'DIFFERS FROM'} {built.zip_path.name}'s (sha256 {_sha(zipped)})")
-    spec_sha = json.loads((context / "MANIFEST.json").read_text())["spec"]["sha256"]
-    opts = BuildOptions(tag=image_tag(name, spec_sha), fetch_models=model is None)
-    if offline:
-        opts.base_image = base_image(LOCAL_BASE_KEY).image
-        opts.wheelhouse = WHEELHOUSE
-        if not docker.image_exists(opts.base_image):
-            raise DockerError(f"the local base image {opts.base_image} is missing: run `make base-image` first")
-    opts.token = os.environ.get("HF_TOKEN") or None
     image = build_image(docker, context, opts)
     report.add("mode", f"{'offline' if offline else 'online'}; base {opts.base_image or 'from the Dockerfile'}")
     report.add("build time", f"{image.seconds:.1f} s")
     report.add("image", f"{image.tag}, {image.size_bytes / 1e9:.2f} GB")
 
     gpus = gpu_available()
-    mounts = Mounts(model=model, adapter=adapter) if model is not None else Mounts()
+    mounts = Mounts(model=model, adapter=adapter)
     report.add("model", f"{model} (mounted read-only)" if model else "baked into the image at build time")
     report.add("run", f"--network none{', --gpus all' if gpus else ', CPU only'}")
     with running(docker, image.tag, mounts, gpus) as c:
@@ -139,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         if given is not None and not given.is_dir():
             print(f"error: {given} is not a directory", file=sys.stderr)
             return 2
+    if args.adapter is not None and args.model is None and not args.offline:
+        print("error: --adapter needs --model (or --offline): an adapter mounts beside a mounted model", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         report = validate(args.name, args.offline, args.model, args.adapter, args.timeout)

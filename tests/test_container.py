@@ -123,6 +123,17 @@ def test_validate_cli_refuses_a_missing_model_dir(capsys):
 
     assert main(["submission-1", "--offline", "--model", "/no/such/dir"]) == 2
     assert "/no/such/dir is not a directory" in capsys.readouterr().err
+    assert main(["submission-1", "--adapter", "/tmp"]) == 2
+    assert "--adapter needs --model" in capsys.readouterr().err
+
+
+def test_serve_cli_checks_its_inputs_before_any_work(capsys):
+    from packager.cli import main
+
+    assert main(["serve", "submission-1", "--offline"]) == 2
+    assert "needs --model DIR" in capsys.readouterr().err
+    assert main(["serve", "submission-1", "--model", "/no/such/dir"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_failed_validation_prints_logs_and_removes_the_container(tmp_path, capsys, tiny_model_dir):

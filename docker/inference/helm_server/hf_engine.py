@@ -200,7 +200,8 @@ class HFEngine:
         next_logits = logits[-1]
 
         generator = _generator(self.device, params.seed)
-        chosen, picked, top_v, top_i = [], [], [], []
+        chosen: list[int] = []
+        scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # on the device until the end
         finish = "length"
         for step in range(params.max_new_tokens):
             banned = self._eos if step < params.min_new_tokens else None
@@ -209,14 +210,13 @@ class HFEngine:
             if token_id in self.eos_token_ids:
                 finish = "eos"
                 break
-            lp, tv, ti = score(next_logits, token, params.top_logprobs)
             chosen.append(token_id)
-            picked.append(lp), top_v.append(tv), top_i.append(ti)
+            scores.append(score(next_logits, token, params.top_logprobs))
             if should_stop(chosen):
                 finish = "stop"
                 break
             if step + 1 < params.max_new_tokens:
                 next_logits = decode_one_token(self.model, token, cache)
 
-        completion = _to_host(torch.tensor(chosen), torch.stack(picked), torch.stack(top_v), torch.stack(top_i)) if chosen else []
+        completion = _to_host(torch.tensor(chosen), *(torch.stack(s) for s in zip(*scores))) if chosen else []
         return Generation(prompt=prompt_scored, completion=completion, finish_reason=finish)
