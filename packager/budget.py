@@ -29,6 +29,9 @@ class Shape:
     layers: int
     kv_heads: int
     head_dim: int
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    exact_context: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,13 @@ class Budget:
         )
 
 
-def _table() -> dict:
+def known_shape(repo_id: str) -> Shape | None:
+    """The table's shape of a Hub model, if it has one."""
+    entry = models_table().get(repo_id)
+    return Shape(**entry) if entry else None
+
+
+def models_table() -> dict:
     return tomllib.loads(resources.files("packager").joinpath("data/models.toml").read_text(encoding="utf-8"))
 
 
@@ -94,7 +103,7 @@ def _local_shape(model_dir: Path) -> tuple[float, Shape]:
 
 
 def estimate(spec: Spec, model_dir: Path | None = None) -> Budget:
-    table = _table()
+    table = models_table()
     gpu = table["gpu"]
     context = spec.generation.context_length
     if model_dir is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from . import checks
 from .archive import write_tree, zip_bytes_to
 from .base_images import UnknownBaseImage, base_image
+from .budget import known_shape
 from .render import render
 from .spec import Spec, SpecError, load_spec
 
@@ -28,6 +29,13 @@ def validate(spec_file: Path, strict: bool = False) -> tuple[Spec, str, list[str
         base_image(spec.image.base)
     except UnknownBaseImage as e:
         raise SpecError(f"{spec_file}: {e.args[0]}") from None
+    limit = getattr(known_shape(spec.base_model.repo_id), "exact_context", None)
+    if limit is not None and spec.generation.context_length > limit:
+        raise SpecError(
+            f"{spec_file}: generation.context_length = {spec.generation.context_length}, but {spec.base_model.repo_id} "
+            f"is served through the Qwen2 conversion, exact only up to {limit} tokens (packager/data/models.toml); "
+            f"set context_length <= {limit} (HELM's window is 2048)"
+        )
     warnings = [
         f"{spec_file}: {ref} is a branch or tag, not a commit: the weights can change under this submission"
         for ref in spec.unpinned()

@@ -34,15 +34,29 @@ class _Strict(BaseModel):
 
 
 class Calibration(_Strict):
-    """Calibration text for GPTQ: `num_samples` windows of `seq_len` tokens."""
+    """Calibration text for GPTQ: `num_samples` windows of `seq_len` tokens.
 
-    dataset: str = "wikitext"
+    The split's lines (empty ones as " \\n") are joined and tokenized once; each
+    window starts at `random.randint(0, n_tokens - seq_len - 1)` after
+    `random.seed(seed)`, as the reference solution drew them.
+    """
+
+    dataset: str = Field(default="Salesforce/wikitext", min_length=1, description="Hub dataset repo id")
+    revision: str = Field(default="main", min_length=1)
     config: str | None = "wikitext-2-raw-v1"
-    split: str = "train"
+    split: str = "test"
     text_field: str = "text"
     num_samples: int = Field(default=120, gt=0)
     seq_len: int = Field(default=4096, gt=0)
     seed: int = 0
+
+
+class Perplexity(_Strict):
+    """Held-out windows (consecutive, from the split's start) scored before and after quantization."""
+
+    split: str = "validation"
+    windows: int = Field(default=16, gt=0)
+    seq_len: int = Field(default=2048, gt=0)
 
 
 class Quantization(_Strict):
@@ -54,6 +68,7 @@ class Quantization(_Strict):
     sym: bool = True
     damp_percent: float = Field(default=0.01, gt=0, lt=1)
     calibration: Calibration = Calibration()
+    perplexity: Perplexity = Perplexity()
 
     @model_validator(mode="after")
     def _group_size(self) -> "Quantization":

@@ -1,0 +1,210 @@
+"""python -m pipeline.quantize NAME [--model DIR] [--data-dir DIR] [--out DIR] [--dry-run] [--budget ignore]"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from packager.budget import models_table as model_table
+from packager.paths import REPO, SUBMISSIONS
+from packager.spec import SpecError, load_spec, spec_path
+
+from ..convert import ConvertError, convert_model, is_qwen1
+from ..hub import SourceError, dataset_files, model_folder
+from .calibration import calibration_windows, heldout_windows, split_text, windows_sha256
+from .plan import LayerShape, project
+
+ARTIFACTS = REPO / "build" / "artifacts"
+WORK = REPO / "build" / "quantize"
+RECORD = "quantize.json"
+
+
+class QuantizeError(Exception):
+    """A run that cannot start or finish; the message names the problem and the fix."""
+
+
+def as_qwen2(base: Path, work: Path) -> Path:
+    """The base model in the Qwen2 layout: itself, or its conversion (kept in the work folder)."""
+    if not is_qwen1(base):
+        return base
+    converted = work / "base-qwen2"
+    record = converted / "conversion.json"
+    if record.is_file() and json.loads(record.read_text()).get("source") == str(base):
+        return converted
+    return convert_model(base, converted, overwrite=True)
+
+
+def parquet_pattern(config: str | None, split: str) -> str:
+    return f"{config}/{split}-*.parquet" if config else f"**/{split}-*.parquet"
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def weights_fingerprint(folder: Path) -> list:
+    return sorted([p.name, p.stat().st_size] for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
+
+
+def inputs_sha256(spec, base: Path, local: bool, calibration: str, heldout: str) -> str:
+    from importlib.metadata import version
+
+    ref = {"local": weights_fingerprint(base)} if local else spec.base_model.model_dump()
+    inputs = {
+        "quantization": spec.quantization.model_dump(mode="json"),
+        "base_model": ref,
+        "calibration_sha256": calibration,
+        "heldout_sha256": heldout,
+        "gptqmodel": version("gptqmodel"),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def up_to_date(out: Path, inputs: str) -> bool:
+    record = out / RECORD
+    return record.is_file() and json.loads(record.read_text()).get("inputs_sha256") == inputs
+
+
+def pick_device(setting: str):
+    import torch
+
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def emulate_4090(device, gib: float) -> None:
+    """Cap this process's GPU memory at the 4090's, so a bigger card proves the run fits."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * (1 << 30) / total), device)
+
+
+def write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def run(args: argparse.Namespace) -> int:
+    spec, _ = load_spec(spec_path(Path(args.submissions), args.name))
+    q = spec.quantization
+    if q is None:
+        raise QuantizeError(f"{args.name}: the spec has no [quantization] section; nothing to quantize")
+    out = Path(args.out) if args.out else ARTIFACTS / spec.name
+    work = Path(args.work) if args.work else WORK / spec.name
+    work.mkdir(parents=True, exist_ok=True)
+
+    # 1. the base model, in the Qwen2 layout
+    base = as_qwen2(model_folder(spec.base_model.repo_id, spec.base_model.revision, args.model), work)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+
+    # 2. calibration windows and held-out windows
+    cal, ppl = q.calibration, q.perplexity
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    cal_ids = tokenize(tokenizer, split_text(dataset_files(cal.dataset, cal.revision, parquet_pattern(cal.config, cal.split), data_dir), cal.text_field))
+    offsets, windows = calibration_windows(cal_ids, cal.num_samples, cal.seq_len, cal.seed)
+    held_ids = tokenize(tokenizer, split_text(dataset_files(cal.dataset, cal.revision, parquet_pattern(cal.config, ppl.split), data_dir), cal.text_field))
+    heldout = heldout_windows(held_ids, ppl.windows, ppl.seq_len)
+    calibration = {
+        "dataset": cal.dataset, "revision": cal.revision, "config": cal.config, "split": cal.split,
+        "text_tokens": len(cal_ids), "seq_len": cal.seq_len, "seed": cal.seed, "offsets": offsets,
+        "sha256": windows_sha256(windows),
+    }
+    write_json(work / "calibration.json", {**calibration, "windows": windows})
+
+    # 3. the plan: memory and time on one 4090
+    plan = project(LayerShape.from_config(config), cal.num_samples, cal.seq_len, model_table()["gpu"])
+    write_json(work / "plan.json", {"base": str(base), "out": str(out), "quantization": q.model_dump(mode="json"), **plan.as_dict()})
+    print(plan.describe(), flush=True)
+    if args.dry_run:
+        print(f"dry run: calibration windows in {work / 'calibration.json'}, plan in {work / 'plan.json'}; nothing quantized")
+        return 0
+    if not plan.fits and args.budget != "ignore":
+        raise QuantizeError(f"{plan.describe()}; lower calibration.num_samples or seq_len, or pass BUDGET=ignore")
+
+    inputs = inputs_sha256(spec, base, args.model is not None, calibration["sha256"], windows_sha256(heldout))
+    if up_to_date(out, inputs):
+        print(f"{out} is up to date (same spec section, base model and calibration): skipped")
+        return 0
+
+    # 4. GPTQ, into a temporary sibling of OUT
+    from .gptq import run_gptq
+    from .report import load_for_eval, perplexity, table
+
+    device = pick_device(args.device)
+    if args.emulate_4090 and device.type == "cuda":
+        emulate_4090(device, model_table()["gpu"]["memory_gib"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        started = time.perf_counter()
+        print(f"quantizing {base} on {device}: {q.bits}-bit, group {q.group_size}, act-order {q.desc_act}", flush=True)
+        stats = run_gptq(base, tmp, q, windows, device)
+        seconds = time.perf_counter() - started
+
+        # 5. perplexity before and after, on held-out windows
+        ppl_base = perplexity(load_for_eval(base, device), heldout)
+        ppl_quant = perplexity(load_for_eval(tmp, device), heldout)
+        report = {
+            "inputs_sha256": inputs,
+            "base": str(base),
+            "quantization": q.model_dump(mode="json"),
+            "calibration": calibration,
+            "device": str(device),
+            "seconds": round(seconds, 1),
+            "plan": plan.as_dict(),
+            "perplexity": {"split": ppl.split, "windows": len(heldout), "seq_len": ppl.seq_len,
+                           "base": ppl_base, "quantized": ppl_quant},
+            "layers": [vars(s) for s in stats],
+        }
+        write_json(tmp / "report.json", report)
+        write_json(tmp / RECORD, {"inputs_sha256": inputs, "submission": spec.name})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(table(stats))
+    print(f"perplexity on {len(heldout)} held-out windows: base {ppl_base:.3f} -> quantized {ppl_quant:.3f}")
+    print(f"wrote {out} in {seconds:.0f} s (report: {out / 'report.json'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.quantize", description=__doc__)
+    p.add_argument("name", help="submission name (submissions/NAME/spec.toml)")
+    p.add_argument("--submissions", default=str(SUBMISSIONS))
+    p.add_argument("--model", type=Path, help="local base model folder instead of the Hub download")
+    p.add_argument("--data-dir", type=Path, help="local copies of Hub datasets: DATA_DIR/<repo_id>/...")
+    p.add_argument("--out", type=Path, help="artifact folder (default build/artifacts/NAME)")
+    p.add_argument("--work", type=Path, help="calibration windows, plan, converted base (default build/quantize/NAME)")
+    p.add_argument("--dry-run", action="store_true", help="write calibration windows and plan; quantize nothing")
+    p.add_argument("--budget", choices=["check", "ignore"], default="check", help="refuse a run that cannot fit a 4090")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
+    args = p.parse_args(argv)
+    try:
+        if args.model is not None and not args.model.is_dir():
+            raise QuantizeError(f"MODEL={args.model}: not a folder")
+        if args.data_dir is not None and not args.data_dir.is_dir():
+            raise QuantizeError(f"DATA_DIR={args.data_dir}: not a folder")
+        return run(args)
+    except (QuantizeError, SpecError, SourceError, ConvertError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""What a quantization run leaves beside its artifact: perplexity before and after, per-layer figures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .gptq import LayerStats
+
+
+@torch.inference_mode()
+def perplexity(model, windows: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over the windows, scored one window at a time."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for window in windows:
+        ids = torch.tensor([window], device=device)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def load_for_eval(folder: Path, device: torch.device):
+    """Load a model (quantized or not) the way the server does, for scoring."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    kwargs = {"device_map": "auto"} if device.type == "cuda" else {"device_map": {"": "cpu"}}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+
+
+def table(stats: list[LayerStats]) -> str:
+    lines = [f"{'layer':>5}  {'seconds':>8}  {'peak GiB':>8}  {'max GPTQ loss':>13}  worst module"]
+    for s in stats:
+        worst = max(s.losses.items(), key=lambda kv: kv[1], default=("-", float("nan")))
+        lines.append(f"{s.layer:>5}  {s.seconds:>8.1f}  {s.peak_gib:>8.2f}  {worst[1]:>13.3g}  {worst[0]}")
+    return "\n".join(lines)
