@@ -83,8 +83,9 @@ def emulate_4090(device, gib: float) -> None:
     """Cap this process's GPU memory at the 4090's, so a bigger card proves the run fits."""
     import torch
 
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * (1 << 30) / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * (1 << 30) / total), index)
 
 
 def write_json(path: Path, data: object) -> None:
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 4. GPTQ, into a temporary sibling of OUT
     from .gptq import run_gptq
-    from .report import load_for_eval, perplexity, table
+    from .report import scored, table
 
     device = pick_device(args.device)
     if args.emulate_4090 and device.type == "cuda":
@@ -154,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - started
 
         # 5. perplexity before and after, on held-out windows
-        ppl_base = perplexity(load_for_eval(base, device), heldout)
-        ppl_quant = perplexity(load_for_eval(tmp, device), heldout)
+        ppl_base = scored("fp16 base", base, device, heldout)
+        ppl_quant = scored("quantized", tmp, device, heldout)
         report = {
             "inputs_sha256": inputs,
             "base": str(base),
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(table(stats))
-    print(f"perplexity on {len(heldout)} held-out windows: base {ppl_base:.3f} -> quantized {ppl_quant:.3f}")
+    if ppl_base is not None and ppl_quant is not None:
+        print(f"perplexity on {len(heldout)} held-out windows: base {ppl_base:.3f} -> quantized {ppl_quant:.3f}")
     print(f"wrote {out} in {seconds:.0f} s (report: {out / 'report.json'})")
     return 0
 

@@ -25,11 +25,26 @@ def perplexity(model, windows: list[list[int]]) -> float:
 
 def load_for_eval(folder: Path, device: torch.device):
     """Load a model (quantized or not) the way the server does, for scoring."""
-    from transformers import AutoModelForCausalLM
+    from helm_server.hf_engine import load_model
+    from helm_server.settings import GenerationSettings, ServeConfig, ServedModel, ServerSettings
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    kwargs = {"device_map": "auto"} if device.type == "cuda" else {"device_map": {"": "cpu"}}
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    dtype = "float16" if device.type == "cuda" else "float32"
+    config = ServeConfig(
+        submission="quantize-report",
+        model=ServedModel(repo_id=str(folder), dtype=dtype),
+        generation=GenerationSettings(eos_token_ids=[0]),
+        server=ServerSettings(device=device.type),
+    )
+    return load_model(config, device)
+
+
+def scored(label: str, folder: Path, device: torch.device, windows: list[list[int]]) -> float | None:
+    """Perplexity of one model, or None with the reason printed: a failed score never costs the artifact."""
+    try:
+        return perplexity(load_for_eval(folder, device), windows)
+    except Exception as e:  # noqa: BLE001 - reported, and the report says it is missing
+        print(f"warning: perplexity of the {label} model failed: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 def table(stats: list[LayerStats]) -> str:

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from .engine import LOGPROB_FLOOR, Generation, SamplingParams, ScoredToken, StopCheck
 from .settings import ModelSource, ServeConfig, ServedModel
@@ -26,6 +26,10 @@ log = logging.getLogger("helm_server.engine")
 _SCORE_CHUNK = 512
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# The GPTQ kernel per device when the spec says "auto" (README, Measured: chosen on an H100).
+# CPU: GPTQModel's torch kernel dequantizes exactly.
+GPTQ_KERNELS = {"cpu": "torch", "cuda": "triton"}
 
 
 def pick_device(setting: str) -> torch.device:
@@ -46,6 +50,25 @@ def _revision(source: ModelSource) -> str | None:
     return None if Path(source.repo_id).is_dir() else source.revision
 
 
+def gptq_kernel_override(spec: ServedModel, device: torch.device) -> dict:
+    """For a GPTQ checkpoint, the kernel to load it with, pinned rather than left to GPTQModel.
+
+    GPTQModel's own auto-selection picks Machete on Hopper cards, which fetches
+    CUTLASS sources from the internet at first use: fatal in a sealed container.
+    """
+    config = AutoConfig.from_pretrained(spec.repo_id, revision=_revision(spec), trust_remote_code=spec.trust_remote_code)
+    quant = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = quant.to_dict()
+    if quant.get("quant_method") != "gptq":
+        return {}
+    from transformers import GPTQConfig
+
+    kernel = GPTQ_KERNELS[device.type] if spec.gptq_kernel == "auto" else spec.gptq_kernel
+    log.info("GPTQ %s-bit checkpoint: kernel %s", quant.get("bits"), kernel)
+    return {"quantization_config": GPTQConfig(bits=quant["bits"], backend=kernel)}
+
+
 def load_model(config: ServeConfig, device: torch.device):
     """Load the served model (and adapter) for inference on `device`."""
     spec = config.model
@@ -56,6 +79,7 @@ def load_model(config: ServeConfig, device: torch.device):
         trust_remote_code=spec.trust_remote_code,
         dtype=_dtype(spec, device),
         device_map={"": str(device)},
+        **gptq_kernel_override(spec, device),
     )
     if config.adapter is not None:
         from peft import PeftModel

@@ -38,11 +38,18 @@ class ModelSource(_Strict):
         return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
 
 
+GptqKernel = Literal["auto", "torch", "triton", "marlin"]
+
+
 class ServedModel(ModelSource):
     """The model the server loads (for a GPTQ submission, the quantized artifact)."""
 
     trust_remote_code: bool = False
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    gptq_kernel: GptqKernel = Field(
+        default="auto",
+        description="GPTQ weight kernel; auto: the server's tested choice per device (hf_engine.GPTQ_KERNELS)",
+    )
 
 
 class GenerationSettings(_Strict):
