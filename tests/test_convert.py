@@ -178,3 +178,14 @@ def test_every_ordinary_and_special_token_keeps_its_id(fast_tokenizer):
     for i, special in enumerate(SPECIAL_TOKENS):
         assert vocab[special] == 151643 + i
     assert fast_tokenizer.eos_token_id == 151643 and fast_tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+def test_server_refuses_an_unconverted_qwen1_model_and_too_long_a_context(qwen1_dir, converted):
+    from conftest import make_config
+    from helm_server.hf_engine import ModelLoadError, load_model
+
+    src, _, _ = qwen1_dir
+    with pytest.raises(ModelLoadError, match="Qwen \\(v1\\) checkpoint.*make convert"):
+        load_model(make_config(src), torch.device("cpu"))
+    with pytest.raises(ModelLoadError, match="context_length 4096 exceeds the model's max_position_embeddings 2048"):
+        load_model(make_config(converted, context_length=4096), torch.device("cpu"))

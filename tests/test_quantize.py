@@ -156,3 +156,22 @@ def test_served_gptq_artifact_answers_helm(artifact):
     assert result.success, result.error
     tokens = result.completions[0].tokens
     assert len(tokens) >= 1 and all(t.logprob <= 0 for t in tokens)
+
+
+def test_a_gptq_kernel_that_fails_falls_back_to_the_next(artifact, monkeypatch, caplog):
+    """Marlin cannot build on a CPU: the chain goes on to the exact torch kernel and says so."""
+    import torch
+
+    from conftest import make_config
+    from helm_server import hf_engine
+
+    monkeypatch.setitem(hf_engine.GPTQ_KERNELS, "cpu", ["marlin", "torch"])
+    with caplog.at_level("INFO", logger="helm_server.engine"):
+        model = hf_engine.load_model(make_config(artifact), torch.device("cpu"))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "TorchLinear"
+    assert "the marlin kernel failed to load" in caplog.text and "loaded with the torch kernel" in caplog.text
+
+    only_marlin = make_config(artifact).model_copy(deep=True)
+    only_marlin = only_marlin.model_copy(update={"model": only_marlin.model.model_copy(update={"gptq_kernel": "marlin"})})
+    with pytest.raises(hf_engine.ModelLoadError, match="no GPTQ kernel could load the model: marlin"):
+        hf_engine.load_model(only_marlin, torch.device("cpu"))

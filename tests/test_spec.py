@@ -23,9 +23,20 @@ def test_submission_1_is_the_reference_gptq_recipe():
     assert s.base_model.repo_id == "Qwen/Qwen-14B"
     q = s.quantization
     assert (q.method, q.tool, q.bits, q.group_size, q.desc_act) == ("gptq", "gptqmodel", 8, 128, False)
-    assert (q.calibration.dataset, q.calibration.num_samples, q.calibration.seq_len) == ("wikitext", 120, 4096)
+    cal = q.calibration
+    assert (cal.dataset, cal.config, cal.split) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")  # as the reference
+    assert (cal.num_samples, cal.seq_len, cal.seed) == (120, 4096, 0)
+    assert (q.sym, q.damp_percent) == (True, 0.01)
     assert s.adapter is None and s.training is None
     assert s.generation.eos_token_ids == [151643]
+    assert s.generation.context_length == 2048 and not s.artifact.trust_remote_code
+
+
+def test_context_past_the_exact_qwen1_window_is_refused(tmp_path):
+    text = (SPECS / "submission-1" / "spec.toml").read_text().replace("context_length = 2048", "context_length = 4096")
+    path = _write(tmp_path, text.replace('name = "submission-1"', 'name = "my-sub"'))
+    with pytest.raises(SpecError, match="exact only up to 2048 tokens"):
+        validate(path)
 
 
 def test_submission_2_is_the_reference_qlora_recipe():
