@@ -20,10 +20,19 @@ OFFLINE_DEPS := $(if $(call yes,$(OFFLINE)),base-image wheelhouse)
 MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock specs submissions test clean base-image wheelhouse tiny-model
+.PHONY: help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
+
+# Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir, DRY_RUN=1, BUDGET=ignore (quantize).
+SRC      ?=
+OUT      ?=
+DATA_DIR ?=
+DRY_RUN  ?=
+BUDGET   ?=
+QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
+                  $(if $(call yes,$(DRY_RUN)),--dry-run) $(if $(filter ignore,$(BUDGET)),--budget ignore)
 
 help: ## list the targets
-	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir]"
+	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore]"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
@@ -56,6 +65,16 @@ validate-%: $(STAMP) $(OFFLINE_DEPS) ## build, run with --network none, drive wi
 serve-%: $(STAMP) $(OFFLINE_DEPS) ## run submission-N's container in the foreground on 127.0.0.1:8080
 	$(PY) -m packager serve $(OFFLINE_FLAG) $(if $(MODEL),--model $(MODEL)) submission-$*
 
+convert: $(STAMP) ## Qwen (v1) model or LoRA adapter folder -> Qwen2 layout: SRC=dir OUT=dir
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make convert SRC=<Qwen v1 model or adapter folder> OUT=<new folder>" >&2; exit 2; }
+	$(PY) -m pipeline.convert $(SRC) $(OUT)
+
+quantize-%: $(STAMP) ## GPTQ of submission-N's base model -> build/artifacts/submission-N/ (+ report.json)
+	$(PY) -m pipeline.quantize submission-$* $(QUANTIZE_FLAGS)
+
+publish-%: $(STAMP) ## upload build/artifacts/submission-N/ to the spec's [artifact] repo (HF_TOKEN); prints the commit to pin
+	$(PY) -m pipeline.publish submission-$* $(if $(OUT),--artifact $(OUT))
+
 base-image: $(STAMP) ## build the offline CPU base image: debootstrap bookworm + torch (root, Docker)
 	$(PY) -m packager.offline base-image
 
@@ -64,6 +83,9 @@ wheelhouse: $(STAMP) ## download the locked requirements' wheels into build/whee
 
 tiny-model: $(STAMP) ## write the tiny Qwen-shaped stand-in model to build/tiny-model/
 	$(PY) -m packager.tiny_model build/tiny-model
+
+tiny-gptq: $(STAMP) ## write the tiny stand-in quantized to 8-bit GPTQ to build/tiny-gptq/
+	$(PY) -m packager.tiny_model build/tiny-gptq --gptq
 
 lock: $(STAMP) ## re-resolve docker/inference/requirements.in into requirements.lock (needs PyPI)
 	$(PY) -m packager.lock

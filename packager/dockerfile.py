@@ -24,6 +24,9 @@ def render_dockerfile(spec: Spec, base: BaseImage, spec_sha256: str, packager_ve
     if spec.adapter is not None:
         env_models.append(f"ADAPTER_PATH={MODELS_DIR}/adapter")
     port = spec.server.port
+    adapter_convert = ""
+    if spec.adapter is not None:
+        adapter_convert = f" \\\n        && python -m pipeline.convert --in-place --adapter {MODELS_DIR}/adapter"
     return f"""\
 # Rendered by packager {packager_version} from submissions/{spec.name}/spec.toml
 # (sha256 {spec_sha256}). Edit the spec and rebuild, not this file.
@@ -44,23 +47,30 @@ WORKDIR {WORKDIR}
 
 # Locked requirements, without their dependencies' resolution: the lock is the whole
 # closure. torch ({base.torch}) comes with the base image and is never reinstalled.
-# A ./wheelhouse/ in the build context makes this step offline.
+# A ./wheelhouse/ in the build context (its sdist-only packages prebuilt) makes this step
+# offline. Online, gcc and the PCRE2 headers build GPTQModel's pypcre; gcc stays, as nvcc's
+# host compiler for the Marlin kernel GPTQModel compiles at first use.
 RUN --mount=type=bind,target=/context \\
     if [ -d /context/wheelhouse ]; then \\
         python -m pip install --no-deps --no-index --find-links /context/wheelhouse -r /context/requirements.txt; \\
     else \\
-        python -m pip install --no-deps -r /context/requirements.txt; \\
+        apt-get update && apt-get install -y --no-install-recommends build-essential libpcre2-dev \\
+        && rm -rf /var/lib/apt/lists/* \\
+        && python -m pip install --no-deps -r /context/requirements.txt; \\
     fi \\
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 COPY serve_config.json main.py MANIFEST.json ./
 COPY helm_server/ ./helm_server/
+COPY pipeline/ ./pipeline/
 
 # Weights at the spec's revisions, fetched once at build time; the token is a build secret.
+# A Qwen (v1) artifact or adapter is converted to the Qwen2 layout here, offline: no remote code.
 ARG FETCH_MODELS=1
 RUN --mount=type=secret,id=hf_token,required=false \\
     if [ "$FETCH_MODELS" = "1" ]; then \\
-        HF_HUB_OFFLINE=0 python -m helm_server.fetch serve_config.json {MODELS_DIR}; \\
+        HF_HUB_OFFLINE=0 python -m helm_server.fetch serve_config.json {MODELS_DIR} \\
+        && python -m pipeline.convert --in-place {MODELS_DIR}/artifact{adapter_convert}; \\
     else \\
         echo "FETCH_MODELS=$FETCH_MODELS: mount the model at {MODELS_DIR}/artifact at run time"; \\
         if [ -s /run/secrets/hf_token ]; then echo "a hub token was provided as a build secret (unused)"; fi; \\

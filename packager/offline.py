@@ -83,11 +83,24 @@ def missing_wheels(lock: Path, dest: Path) -> list[str]:
 
 
 def build_wheelhouse(lock: Path = LOCK, dest: Path = WHEELHOUSE) -> Path:
-    """Download the locked requirements as wheels; a complete wheelhouse is left as is (no network)."""
+    """The locked requirements as wheels; a complete wheelhouse is left as is (no network).
+
+    Published wheels are downloaded; the few pins published only as source
+    (GPTQModel and its small helpers, pypcre, a C extension needing gcc and the
+    libpcre2 headers) are built here, for this Python, which is the offline
+    base image's (Debian bookworm, 3.11).
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    if not missing_wheels(lock, dest):
+    missing = missing_wheels(lock, dest)
+    if not missing:
         return dest
-    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-r", str(lock), "-d", str(dest)])
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as pins:
+        pins.write("\n".join(missing) + "\n")
+        pins.flush()
+        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--prefer-binary", "-r", pins.name, "-w", str(dest)])
+    still = missing_wheels(lock, dest)
+    if still:
+        raise DockerError(f"no wheel for {', '.join(still)} in {dest}: see pip's output above")
     return dest
 
 

@@ -16,10 +16,17 @@ from helm_server.settings import SERVE_CONFIG_FILE, ServeConfig
 from . import __version__
 from .base_images import BaseImage, base_image
 from .dockerfile import render_dockerfile
-from .paths import INFERENCE, LOCK
+from .paths import INFERENCE, LOCK, REPO
 from .spec import Spec
 
 SERVER_PACKAGE = "helm_server"
+# Python sources shipped in every zip, by their path there: the server, and the Qwen (v1)
+# converter, which the image runs at build time on a Qwen (v1) artifact.
+SHIPPED = {
+    SERVER_PACKAGE: INFERENCE / SERVER_PACKAGE,
+    "pipeline": REPO / "pipeline",
+    "pipeline/convert": REPO / "pipeline" / "convert",
+}
 
 
 def serve_config(spec: Spec) -> ServeConfig:
@@ -37,10 +44,12 @@ def _json(data: object) -> bytes:
 
 
 def server_sources(inference_dir: Path = INFERENCE) -> dict[str, bytes]:
-    """main.py and the server package; never bytecode or editor droppings."""
+    """main.py and the shipped packages; never bytecode or editor droppings."""
     files = {"main.py": (inference_dir / "main.py").read_bytes()}
-    for path in sorted((inference_dir / SERVER_PACKAGE).glob("*.py")):
-        files[f"{SERVER_PACKAGE}/{path.name}"] = path.read_bytes()
+    for target, folder in SHIPPED.items():
+        names = ["__init__.py"] if target == "pipeline" else sorted(p.name for p in folder.glob("*.py"))
+        for name in names:
+            files[f"{target}/{name}"] = (folder / name).read_bytes()
     return files
 
 

@@ -85,9 +85,39 @@ def save_tiny_model(directory: Path) -> Path:
     return directory
 
 
+def save_tiny_gptq(directory: Path, seed: int = 0) -> Path:
+    """The tiny model quantized to 8-bit GPTQ (group 32) by the quantize stage's own GPTQModel run.
+
+    Calibration is random token windows: the point is a real GPTQ artifact in the
+    layout `make quantize-N` writes, small enough to serve on a CPU.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    from pipeline.quantize.gptq import run_gptq
+
+    from .spec import Quantization
+
+    g = torch.Generator().manual_seed(seed)
+    windows = torch.randint(0, 600, (4, 64), generator=g).tolist()
+    with tempfile.TemporaryDirectory(prefix="tiny-fp-") as tmp:
+        save_tiny_model(Path(tmp))
+        staged = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(staged, ignore_errors=True)
+        run_gptq(Path(tmp), staged, Quantization(bits=8, group_size=32), windows, torch.device("cpu"))
+    shutil.rmtree(directory, ignore_errors=True)
+    staged.rename(directory)
+    return directory
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m packager.tiny_model OUTPUT_DIR")
-    print(save_tiny_model(Path(sys.argv[1])))
+    args = sys.argv[1:]
+    gptq = "--gptq" in args
+    paths = [a for a in args if a != "--gptq"]
+    if len(paths) != 1:
+        raise SystemExit("usage: python -m packager.tiny_model OUTPUT_DIR [--gptq]")
+    print((save_tiny_gptq if gptq else save_tiny_model)(Path(paths[0])))

@@ -6,6 +6,7 @@ REQUIRE_DOCKER=1, which turns those skips into failures.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tarfile
@@ -148,3 +149,15 @@ def test_failed_validation_prints_logs_and_removes_the_container(tmp_path, capsy
     assert "container logs" in capsys.readouterr().err
     leftovers = docker.out("ps", "-a", "--filter", "name=llmc-validate", "--format", "{{.Names}}")
     assert leftovers == ""
+
+
+def test_offline_container_serves_a_tiny_gptq_artifact(tmp_path):
+    """`make validate-1 OFFLINE=1 MODEL=<tiny gptq>`: GPTQModel from the wheelhouse, no C compiler in the image."""
+    _docker_or_skip()
+    from packager.tiny_model import save_tiny_gptq
+    from packager.validate import validate
+
+    model = save_tiny_gptq(tmp_path / "tiny-gptq")
+    assert json.loads((model / "config.json").read_text())["quantization_config"]["bits"] == 8
+    report = validate("submission-1", offline=True, model=model, adapter=None, timeout=300)
+    assert report.passed, [c for c in report.checks if not c.passed]

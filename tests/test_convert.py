@@ -189,3 +189,40 @@ def test_server_refuses_an_unconverted_qwen1_model_and_too_long_a_context(qwen1_
         load_model(make_config(src), torch.device("cpu"))
     with pytest.raises(ModelLoadError, match="context_length 4096 exceeds the model's max_position_embeddings 2048"):
         load_model(make_config(converted, context_length=4096), torch.device("cpu"))
+
+
+def test_in_place_conversion_as_the_image_build_runs_it(qwen1_dir, tmp_path):
+    """`python -m pipeline.convert --in-place` (the Dockerfile's step): converts Qwen v1, leaves Qwen2 alone."""
+    import shutil
+
+    src, config, _ = qwen1_dir
+    model = tmp_path / "models" / "artifact"
+    shutil.copytree(src, model)
+    save_qwen1_lora(tmp_path / "models" / "adapter", config)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline.convert", "--in-place", *a], cwd=REPO, capture_output=True, text=True)  # noqa: E731
+    assert run(str(model)).returncode == 0 and not is_qwen1(model)
+    assert run("--adapter", str(tmp_path / "models" / "adapter")).returncode == 0
+    adapter_config = json.loads((tmp_path / "models" / "adapter" / "adapter_config.json").read_text())
+    assert "q_proj" in adapter_config["target_modules"]
+    again = run(str(model))
+    assert again.returncode == 0 and "nothing to convert" in again.stderr
+
+
+def test_cli_detects_an_adapter_folder(qwen1_dir, tmp_path):
+    _, config, _ = qwen1_dir
+    save_qwen1_lora(tmp_path / "lora", config)
+    done = subprocess.run([sys.executable, "-m", "pipeline.convert", str(tmp_path / "lora"), str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_every_zip_ships_the_converter_and_converts_at_build_time(tmp_path):
+    from packager.build import build
+
+    built = build(REPO / "submissions" / "submission-2" / "spec.toml", tmp_path / "dist")
+    shipped = {p.relative_to(built.context_dir).as_posix() for p in built.context_dir.rglob("*.py")}
+    assert {"pipeline/__init__.py", "pipeline/convert/__main__.py", "pipeline/convert/tensors.py"} <= shipped
+    dockerfile = (built.context_dir / "Dockerfile").read_text()
+    assert "python -m pipeline.convert --in-place /models/artifact" in dockerfile
+    assert "python -m pipeline.convert --in-place --adapter /models/adapter" in dockerfile

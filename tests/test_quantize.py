@@ -175,3 +175,19 @@ def test_a_gptq_kernel_that_fails_falls_back_to_the_next(artifact, monkeypatch, 
     only_marlin = only_marlin.model_copy(update={"model": only_marlin.model.model_copy(update={"gptq_kernel": "marlin"})})
     with pytest.raises(hf_engine.ModelLoadError, match="no GPTQ kernel could load the model: marlin"):
         hf_engine.load_model(only_marlin, torch.device("cpu"))
+
+
+def test_publish_refuses_unfinished_artifacts_and_missing_tokens(inputs, artifact, tmp_path, monkeypatch, capsys):
+    from pipeline import publish
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    subs = ["--submissions", str(inputs / "submissions")]
+    assert publish.main(["tiny-gptq", *subs, "--artifact", str(tmp_path / "none")]) == 2
+    assert "run `make quantize-N` first" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    assert publish.main(["tiny-gptq", *subs, "--artifact", str(partial)]) == 2
+    assert "lacks report.json, quantize.json" in capsys.readouterr().err
+    assert publish.main(["tiny-gptq", *subs, "--artifact", str(artifact)]) == 2
+    assert "HF_TOKEN is not set" in capsys.readouterr().err

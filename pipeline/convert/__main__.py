@@ -27,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.convert", description="Qwen (v1) -> Qwen2, exactly")
     p.add_argument("src", type=Path, help="a Qwen (v1) model folder (or adapter folder with --adapter)")
     p.add_argument("out", type=Path, nargs="?", help="where the Qwen2 folder is written")
-    p.add_argument("--adapter", action="store_true", help="SRC is a LoRA adapter trained on Qwen (v1) names")
+    p.add_argument("--adapter", action="store_true", help="SRC is a LoRA adapter (default: when it has adapter_config.json)")
     p.add_argument("--in-place", action="store_true", help="convert SRC where it lies, if it is Qwen (v1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
     try:
         if not args.src.is_dir():
             raise ConvertError(f"{args.src}: not a folder; SRC is a downloaded model (or adapter) folder")
+        args.adapter = args.adapter or (args.src / "adapter_config.json").is_file()
         if args.in_place:
             convert_in_place(args.src, args.adapter)
         elif args.out is None:

@@ -104,10 +104,6 @@ def load_model(config: ServeConfig, device: torch.device):
     if bits is None:
         model = AutoModelForCausalLM.from_pretrained(spec.repo_id, **kwargs)
     else:
-        if device.type == "cpu":
-            # GPTQModel torch.compiles its CPU dequantization, which needs a C compiler at first
-            # use; the eager path computes the same exact dequantization without one.
-            torch._dynamo.config.disable = True
         model = _load_gptq(spec, device, bits, kwargs)
     if config.adapter is not None:
         from peft import PeftModel
