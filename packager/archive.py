@@ -8,10 +8,11 @@ never leaves a partial zip or folder behind.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+
+from pipeline.staging import staged_folder
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can record
 
@@ -37,18 +38,8 @@ def zip_bytes_to(path: Path, files: dict[str, bytes]) -> None:
 
 def write_tree(root: Path, files: dict[str, bytes]) -> None:
     """Write `files` under `root`, replacing any previous tree only once the new one is complete."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with staged_folder(root) as staging:
         for name, data in files.items():
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-            os.chmod(folder, 0o755)  # mkdtemp's 0700 would hide the tree from a docker build as another user
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -47,7 +47,7 @@ def server_sources(inference_dir: Path = INFERENCE) -> dict[str, bytes]:
     """main.py and the shipped packages; never bytecode or editor droppings."""
     files = {"main.py": (inference_dir / "main.py").read_bytes()}
     for target, folder in SHIPPED.items():
-        names = ["__init__.py"] if target == "pipeline" else sorted(p.name for p in folder.glob("*.py"))
+        names = ["__init__.py", "staging.py"] if target == "pipeline" else sorted(p.name for p in folder.glob("*.py"))
         for name in names:
             files[f"{target}/{name}"] = (folder / name).read_bytes()
     return files

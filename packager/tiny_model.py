@@ -91,24 +91,20 @@ def save_tiny_gptq(directory: Path, seed: int = 0) -> Path:
     Calibration is random token windows: the point is a real GPTQ artifact in the
     layout `make quantize-N` writes, small enough to serve on a CPU.
     """
-    import shutil
     import tempfile
 
     import torch
 
     from pipeline.quantize.gptq import run_gptq
+    from pipeline.staging import staged_folder
 
     from .spec import Quantization
 
     g = torch.Generator().manual_seed(seed)
     windows = torch.randint(0, 600, (4, 64), generator=g).tolist()
-    with tempfile.TemporaryDirectory(prefix="tiny-fp-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tiny-fp-") as tmp, staged_folder(directory) as staged:
         save_tiny_model(Path(tmp))
-        staged = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(staged, ignore_errors=True)
         run_gptq(Path(tmp), staged, Quantization(bits=8, group_size=32), windows, torch.device("cpu"))
-    shutil.rmtree(directory, ignore_errors=True)
-    staged.rename(directory)
     return directory
 
 

@@ -222,7 +222,7 @@ def test_every_zip_ships_the_converter_and_converts_at_build_time(tmp_path):
 
     built = build(REPO / "submissions" / "submission-2" / "spec.toml", tmp_path / "dist")
     shipped = {p.relative_to(built.context_dir).as_posix() for p in built.context_dir.rglob("*.py")}
-    assert {"pipeline/__init__.py", "pipeline/convert/__main__.py", "pipeline/convert/tensors.py"} <= shipped
+    assert {"pipeline/__init__.py", "pipeline/staging.py", "pipeline/convert/__main__.py", "pipeline/convert/tensors.py"} <= shipped
     dockerfile = (built.context_dir / "Dockerfile").read_text()
     assert "python -m pipeline.convert --in-place /models/artifact" in dockerfile
     assert "python -m pipeline.convert --in-place --adapter /models/adapter" in dockerfile

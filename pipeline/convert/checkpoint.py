@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..staging import staged_folder
 from .config import ConfigError, exact_context, qwen2_config
 from .tensors import LAYER_MODULES, TensorMapError, map_tensor
 from .tokenizer import convert_tokenizer
@@ -98,10 +98,7 @@ def convert_model(src: Path, dst: Path, overwrite: bool = False, log=print) -> P
         config = qwen2_config(v1)
     except (ConfigError, KeyError) as e:
         raise ConvertError(f"{src}/config.json: {e}") from None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        tmp.chmod(0o755)
+    with staged_folder(dst) as tmp:
         log(f"converting {src} (Qwen v1) -> {dst} (Qwen2)")
         weight_map = convert_weights(src, tmp, log)
         check_complete(weight_map, config["num_hidden_layers"])
@@ -123,12 +120,6 @@ def convert_model(src: Path, dst: Path, overwrite: bool = False, log=print) -> P
             "gptq": "quantization_config" in v1,
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {dst}: {len(weight_map)} tensors; exact up to {record['exact_context']} tokens")
     return dst
 

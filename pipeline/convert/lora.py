@@ -9,13 +9,12 @@ exactly the same function. Every other module is a rename.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..staging import staged_folder
 from .checkpoint import ConvertError
 from .tensors import TensorMapError, map_module
 
@@ -79,18 +78,9 @@ def convert_adapter(src: Path, dst: Path, overwrite: bool = False, log=print) ->
         except TensorMapError as e:
             raise ConvertError(f"{src.name}: {e}") from None
     new_config = adapter_config(config, converted)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        tmp.chmod(0o755)
+    with staged_folder(dst) as tmp:
         save_file(converted, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {dst}: {len(source)} -> {len(converted)} LoRA tensors on {', '.join(new_config['target_modules'])}")
     return dst
 

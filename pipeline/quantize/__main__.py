@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from packager.spec import SpecError, load_spec, spec_path
 
 from ..convert import ConvertError, convert_model, is_qwen1
 from ..hub import SourceError, dataset_files, model_folder
+from ..staging import staged_folder
 from .calibration import calibration_windows, heldout_windows, split_text, windows_sha256
 from .plan import LayerShape, project
 
@@ -138,17 +137,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out} is up to date (same spec section, base model and calibration): skipped")
         return 0
 
-    # 4. GPTQ, into a temporary sibling of OUT
+    # 4. GPTQ, into a temporary sibling of OUT renamed into place when complete
     from .gptq import run_gptq
     from .report import scored, table
 
     device = pick_device(args.device)
     if args.emulate_4090 and device.type == "cuda":
         emulate_4090(device, model_table()["gpu"]["memory_gib"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
+    with staged_folder(out) as tmp:
         started = time.perf_counter()
         print(f"quantizing {base} on {device}: {q.bits}-bit, group {q.group_size}, act-order {q.desc_act}", flush=True)
         stats = run_gptq(base, tmp, q, windows, device)
@@ -171,12 +167,6 @@ def run(args: argparse.Namespace) -> int:
         }
         write_json(tmp / "report.json", report)
         write_json(tmp / RECORD, {"inputs_sha256": inputs, "submission": spec.name})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(table(stats))
     if ppl_base is not None and ppl_quant is not None:
         print(f"perplexity on {len(heldout)} held-out windows: base {ppl_base:.3f} -> quantized {ppl_quant:.3f}")
