@@ -104,7 +104,7 @@ def save_tiny_gptq(directory: Path, seed: int = 0) -> Path:
     windows = torch.randint(0, 600, (4, 64), generator=g).tolist()
     with tempfile.TemporaryDirectory(prefix="tiny-fp-") as tmp, staged_folder(directory) as staged:
         save_tiny_model(Path(tmp))
-        run_gptq(Path(tmp), staged, Quantization(bits=8, group_size=32), windows, torch.device("cpu"))
+        run_gptq(Path(tmp), staged, Quantization(bits=8, group_size=32), windows, torch.device("cpu"), Path(tmp) / "logs")
     return directory
 
 

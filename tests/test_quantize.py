@@ -113,6 +113,7 @@ def test_quantizes_to_a_gptq_artifact_with_a_report(artifact):
     assert [layer["layer"] for layer in report["layers"]] == [0, 1]
     assert set(report["layers"][0]["losses"]) >= {"self_attn.q_proj", "mlp.down_proj"}
     assert (artifact / "tokenizer.json").is_file() and not list(artifact.parent.glob(".artifact.partial*"))
+    assert list((inputs / "work" / "logs").glob("gptq_log_*")) and not (REPO / "logs").exists()  # GPTQModel's logs
 
 
 def test_rerun_with_same_inputs_is_skipped(inputs, artifact, capsys):

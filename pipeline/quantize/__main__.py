@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     with staged_folder(out) as tmp:
         started = time.perf_counter()
         print(f"quantizing {base} on {device}: {q.bits}-bit, group {q.group_size}, act-order {q.desc_act}", flush=True)
-        stats = run_gptq(base, tmp, q, windows, device)
+        stats = run_gptq(base, tmp, q, windows, device, log_dir=work / "logs")
         seconds = time.perf_counter() - started
 
         # 5. perplexity before and after, on held-out windows

@@ -85,9 +85,17 @@ def quantize_config(q) -> "object":
     )
 
 
-def run_gptq(base: Path, out: Path, q, windows: list[list[int]], device: torch.device) -> list[LayerStats]:
-    """Quantize `base` (a Qwen2-layout folder) with the spec section `q`; save to `out`."""
+def run_gptq(base: Path, out: Path, q, windows: list[list[int]], device: torch.device, log_dir: Path) -> list[LayerStats]:
+    """Quantize `base` (a Qwen2-layout folder) with the spec section `q`; save to `out`.
+
+    GPTQModel writes one JSON log per processor into `./logs/` of the current
+    directory; `log_dir` sends them to the stage's work folder instead.
+    """
     from gptqmodel import GPTQModel
+    from gptqmodel.looper import loop_processor
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    loop_processor._PROJECT_LOG_DIR = log_dir
 
     model = GPTQModel.load(str(base), quantize_config(q), device=str(device))
     calibration = [{"input_ids": torch.tensor([w]), "attention_mask": torch.ones(1, len(w), dtype=torch.long)} for w in windows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -24,11 +25,16 @@ def perplexity(model, windows: list[list[int]]) -> float:
 
 
 def load_for_eval(folder: Path, device: torch.device):
-    """Load a model (quantized or not) the way the server does, for scoring."""
+    """Load a model for scoring: a GPTQ one the way the server does; the fp16 base spread over
+    GPU and CPU memory as needed (14B in fp16 is 28 GB, more than a 4090 holds)."""
     from helm_server.hf_engine import load_model
     from helm_server.settings import GenerationSettings, ServeConfig, ServedModel, ServerSettings
 
     dtype = "float16" if device.type == "cuda" else "float32"
+    if device.type == "cuda" and "quantization_config" not in json.loads((folder / "config.json").read_text()):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map="auto").eval()
     config = ServeConfig(
         submission="quantize-report",
         model=ServedModel(repo_id=str(folder), dtype=dtype),
