@@ -100,7 +100,7 @@ def test_dry_run_writes_windows_and_plan_only(inputs, capsys):
     assert (work / "base-qwen2" / "conversion.json").is_file()  # Qwen v1 was converted first
 
 
-def test_quantizes_to_a_gptq_artifact_with_a_report(artifact):
+def test_quantizes_to_a_gptq_artifact_with_a_report(inputs, artifact):
     config = json.loads((artifact / "config.json").read_text())
     assert config["model_type"] == "qwen2"
     q = config["quantization_config"]
