@@ -29,8 +29,6 @@ class Shape:
     layers: int
     kv_heads: int
     head_dim: int
-    hidden_size: int = 0
-    intermediate_size: int = 0
     exact_context: int | None = None
 
 

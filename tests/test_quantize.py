@@ -124,8 +124,8 @@ def test_rerun_with_same_inputs_is_skipped(inputs, artifact, capsys):
 
 
 def test_over_budget_is_refused(inputs, monkeypatch, capsys):
-    tiny_gpu = {**quantize.model_table()["gpu"], "memory_gib": 1e-6}
-    monkeypatch.setattr(quantize, "model_table", lambda: {"gpu": tiny_gpu})
+    tiny_gpu = {**quantize.models_table()["gpu"], "memory_gib": 1e-6}
+    monkeypatch.setattr(quantize, "models_table", lambda: {"gpu": tiny_gpu})
     assert quantize.main(_args(inputs, "--out", str(inputs / "never"))) == 2
     assert "does NOT fit" in capsys.readouterr().err and not (inputs / "never").exists()
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from packager.budget import models_table as model_table
+from packager.budget import models_table
 from packager.paths import REPO, SUBMISSIONS
 from packager.spec import SpecError, load_spec, spec_path
 
@@ -70,14 +70,6 @@ def up_to_date(out: Path, inputs: str) -> bool:
     return record.is_file() and json.loads(record.read_text()).get("inputs_sha256") == inputs
 
 
-def pick_device(setting: str):
-    import torch
-
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def emulate_4090(device, gib: float) -> None:
     """Cap this process's GPU memory at the 4090's, so a bigger card proves the run fits."""
     import torch
@@ -123,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(work / "calibration.json", {**calibration, "windows": windows})
 
     # 3. the plan: memory and time on one 4090
-    plan = project(LayerShape.from_config(config), cal.num_samples, cal.seq_len, model_table()["gpu"])
+    plan = project(LayerShape.from_config(config), cal.num_samples, cal.seq_len, models_table()["gpu"])
     write_json(work / "plan.json", {"base": str(base), "out": str(out), "quantization": q.model_dump(mode="json"), **plan.as_dict()})
     print(plan.describe(), flush=True)
     if args.dry_run:
@@ -138,12 +130,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # 4. GPTQ, into a temporary sibling of OUT renamed into place when complete
+    from helm_server.hf_engine import pick_device
+
     from .gptq import run_gptq
     from .report import scored, table
 
     device = pick_device(args.device)
     if args.emulate_4090 and device.type == "cuda":
-        emulate_4090(device, model_table()["gpu"]["memory_gib"])
+        emulate_4090(device, models_table()["gpu"]["memory_gib"])
     with staged_folder(out) as tmp:
         started = time.perf_counter()
         print(f"quantizing {base} on {device}: {q.bits}-bit, group {q.group_size}, act-order {q.desc_act}", flush=True)
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_dir is not None and not args.data_dir.is_dir():
             raise QuantizeError(f"DATA_DIR={args.data_dir}: not a folder")
         return run(args)
-    except (QuantizeError, SpecError, SourceError, ConvertError, KeyError, ValueError) as e:
+    except (QuantizeError, SpecError, SourceError, ConvertError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

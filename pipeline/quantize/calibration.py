@@ -21,7 +21,7 @@ def split_text(files: list[Path], text_field: str) -> str:
 
     rows = load_dataset("parquet", data_files=[str(f) for f in files], split="train")
     if text_field not in rows.column_names:
-        raise KeyError(f"column {text_field!r} not in {files[0].name} (columns: {', '.join(rows.column_names)})")
+        raise ValueError(f"column {text_field!r} not in {files[0].name} (columns: {', '.join(rows.column_names)})")
     return "".join(EMPTY_LINE if line == "" else line for line in rows[text_field])
 
 
