@@ -226,3 +226,19 @@ def test_every_zip_ships_the_converter_and_converts_at_build_time(tmp_path):
     dockerfile = (built.context_dir / "Dockerfile").read_text()
     assert "python -m pipeline.convert --in-place /models/artifact" in dockerfile
     assert "python -m pipeline.convert --in-place --adapter /models/adapter" in dockerfile
+
+
+def test_an_adapter_saved_as_bin_converts_too(qwen1_dir, tmp_path):
+    """Older peft saved adapter_model.bin (as the reference's adapters may be)."""
+    from safetensors.torch import load_file
+
+    from pipeline.convert.lora import is_qwen1_adapter
+
+    _, config, _ = qwen1_dir
+    lora = tmp_path / "lora"
+    save_qwen1_lora(lora, config)
+    torch.save(load_file(lora / "adapter_model.safetensors"), lora / "adapter_model.bin")
+    (lora / "adapter_model.safetensors").unlink()
+    assert is_qwen1_adapter(lora)
+    out = convert_adapter(lora, tmp_path / "out", log=lambda m: None)
+    assert not is_qwen1_adapter(out) and (out / "adapter_model.safetensors").is_file()

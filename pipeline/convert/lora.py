@@ -86,11 +86,15 @@ def convert_adapter(src: Path, dst: Path, overwrite: bool = False, log=print) ->
 
 
 def is_qwen1_adapter(folder: Path) -> bool:
-    """True when the adapter's tensors name Qwen (v1) modules."""
-    weights = Path(folder) / WEIGHTS
-    if not weights.is_file():
-        return False
-    from safetensors import safe_open
+    """True when the adapter's tensors (safetensors or the older .bin) name Qwen (v1) modules."""
+    folder = Path(folder)
+    if (folder / WEIGHTS).is_file():
+        from safetensors import safe_open
 
-    with safe_open(weights, "pt") as f:
-        return any(k.startswith(PREFIX + "transformer.h.") for k in f.keys())
+        with safe_open(folder / WEIGHTS, "pt") as f:
+            names = list(f.keys())
+    elif (folder / "adapter_model.bin").is_file():
+        names = list(torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True))
+    else:
+        return False
+    return any(k.startswith(PREFIX + "transformer.h.") for k in names)
