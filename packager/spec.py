@@ -11,6 +11,7 @@ never say something the server would not understand.
 from __future__ import annotations
 
 import hashlib
+import string
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -105,45 +106,109 @@ class Schedule(_Strict):
     seed: int = 42
 
 
-class Oasst1(_Strict):
+class _Source(_Strict):
+    """What every data source takes: where it lives and what the spec expects of it."""
+
+    revision: str = Field(default="main", min_length=1)
+    expect: int | None = Field(default=None, ge=0, description="conversations this source must yield; else refused")
+
+
+class Oasst1(_Source):
     """OpenAssistant oasst1: first-ranked replies to root prompts."""
 
     source: Literal["oasst1"]
     repo_id: str = "OpenAssistant/oasst1"
-    splits: list[str] = ["train", "validation"]
+    splits: list[str] = Field(default=["train", "validation"], min_length=1)
     language: str = "en"
     reply_rank: int = 0
     parent: Literal["root"] = "root"
     drop_if_mentions: list[str] = ["open assist", "open-assist", "chatgpt", "laion"]
 
 
-class Lima(_Strict):
+class Lima(_Source):
     source: Literal["lima"]
     repo_id: str = "GAIR/lima"
     split: str = "train"
     limit: int | None = Field(default=1000, gt=0)
 
 
-class Arc(_Strict):
+class Arc(_Source):
     """ARC questions, several per example in "Question: ... / A. ... / Answer: X" form."""
 
     source: Literal["arc"]
     repo_id: str = "allenai/ai2_arc"
     subset: Literal["ARC-Challenge", "ARC-Easy"] = "ARC-Challenge"
-    splits: list[str] = ["train", "validation", "test"]
+    splits: list[str] = Field(default=["train", "validation", "test"], min_length=1)
     questions_per_example: int = Field(default=6, gt=0)
 
 
-class Humpback(_Strict):
-    """Humpback self-augmented C4 data (instruction back-translation)."""
+class Humpback(_Source):
+    """Humpback self-augmented data: (instruction, output) pairs, from the Hub or a local folder."""
 
     source: Literal["humpback"]
-    repo_id: str = Field(min_length=1)
+    repo_id: str = Field(min_length=1, description="a Hub dataset repo id, or a local folder in its layout")
     split: str = "train"
     limit: int | None = Field(default=None, gt=0)
 
 
 DataSource = Annotated[Union[Oasst1, Lima, Arc, Humpback], Field(discriminator="source")]
+SourceName = Literal["oasst1", "lima", "arc", "humpback"]
+
+# The fields each source's rounds offer to the templates.
+ROUND_FIELDS: dict[str, set[str]] = {
+    "oasst1": {"prompt", "answer"},
+    "lima": {"prompt", "answer"},
+    "humpback": {"prompt", "answer"},
+    "arc": {"question", "choices", "answerKey"},
+}
+
+
+def _fields(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+class SourceTemplate(_Strict):
+    """A source's departures from the template's defaults."""
+
+    system: str | None = None
+    prompt: str | None = None
+    answer: str | None = None
+    choice: str | None = Field(default=None, description="arc: one answer choice, {label} and {text}")
+
+
+class Template(_Strict):
+    """How a conversation becomes training text, byte for byte.
+
+    An example is the system text, then per round the prompt (no loss) and the
+    answer (loss), each tokenized on its own and concatenated. Placeholders:
+    {prompt} and {answer}; ARC rounds offer {question}, {choices} and {answerKey}.
+    """
+
+    system: str
+    prompt: str
+    answer: str
+    choice: str = "{label}. {text}\n"
+    sources: dict[SourceName, SourceTemplate] = {}
+
+    def for_source(self, source: str) -> "Template":
+        """The template with `source`'s own fields in place of the defaults."""
+        own = self.sources.get(source)  # type: ignore[call-overload]
+        if own is None:
+            return self
+        return self.model_copy(update={k: v for k, v in own.model_dump().items() if v is not None})
+
+    def check(self, source: str) -> None:
+        """Refuse placeholders that `source`'s rounds do not offer."""
+        t, allowed = self.for_source(source), ROUND_FIELDS[source]
+        for part in ("prompt", "answer"):
+            unknown = _fields(getattr(t, part)) - allowed
+            if unknown:
+                raise ValueError(
+                    f"template for {source}: {part} uses {sorted(unknown)}, but its rounds offer {sorted(allowed)} "
+                    f"(set [training.template.sources.{source}] {part})"
+                )
+        if _fields(t.system):
+            raise ValueError(f"template for {source}: the system text takes no placeholders")
 
 
 class Training(_Strict):
@@ -151,7 +216,18 @@ class Training(_Strict):
     lora: Lora
     optimizer: Optimizer
     schedule: Schedule
+    template: Template
     data: list[DataSource] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_table_per_source(self) -> "Training":
+        names = [d.source for d in self.data]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"[[training.data]] declares {', '.join(twice)} more than once; merge the tables")
+        for name in names:
+            self.template.check(name)
+        return self
 
 
 # --- the spec ----------------------------------------------------------------------

@@ -165,3 +165,24 @@ eos_token_ids = [2]
 """
     s = parse_spec(Path("tiny/spec.toml"), text)
     assert s.server.port == 80 and s.generation.default_top_k == 200 and s.quantization is None
+
+
+def test_training_templates_are_the_references_byte_for_byte():
+    t2 = spec(2).training.template
+    assert (t2.system, t2.prompt, t2.answer) == (
+        "Answer in the style of an AI Assistant.\n", "USER: {prompt}\nASSISTENT: ", "{answer}<|endoftext|>")
+    t3 = spec(3).training.template
+    assert t3.for_source("oasst1").system == "Answer in the style of an AI Assistant.\n\n"
+    assert t3.for_source("lima").system == t3.for_source("humpback").system == "Answer with knowledge from web search.\n\n"
+    arc = t3.for_source("arc")
+    assert (arc.system, arc.prompt, arc.choice, arc.answer) == (
+        "The following are multiple choice questions (with answers)\n\n", "\nQuestion: {question}\n{choices}Answer: ",
+        "{label}. {text}\n", "{answerKey}\n")
+    assert (t3.prompt, t3.answer) == ("\nQUESTION: {prompt}\nANSWER: ", "{answer}\n")
+
+
+def test_a_source_declared_twice_is_refused(tmp_path):
+    text = (SPECS / "submission-2" / "spec.toml").read_text().replace('name = "submission-2"', 'name = "my-sub"')
+    text += '\n[[training.data]]\nsource = "lima"\nlimit = 10\n'
+    with pytest.raises(SpecError, match="declares lima more than once"):
+        load_spec(_write(tmp_path, text))
