@@ -22,12 +22,13 @@ MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAP
 .DEFAULT_GOAL := help
 .PHONY: help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
-# Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir, DRY_RUN=1, BUDGET=ignore (quantize).
+# Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data), DRY_RUN=1, BUDGET=ignore (quantize).
 SRC      ?=
 OUT      ?=
 DATA_DIR ?=
 DRY_RUN  ?=
 BUDGET   ?=
+DATA_FLAGS     := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
 QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
                   $(if $(call yes,$(DRY_RUN)),--dry-run) $(if $(filter ignore,$(BUDGET)),--budget ignore)
 
@@ -71,6 +72,9 @@ convert: $(STAMP) ## Qwen (v1) model or LoRA adapter folder -> Qwen2 layout: SRC
 
 quantize-%: $(STAMP) ## GPTQ of submission-N's base model -> build/artifacts/submission-N/ (+ report.json)
 	$(PY) -m pipeline.quantize submission-$* $(QUANTIZE_FLAGS)
+
+data-%: $(STAMP) ## submission-N's [[training.data]] -> build/data/submission-N/ (tokenized set, rendered.jsonl, manifest)
+	$(PY) -m pipeline.data submission-$* $(DATA_FLAGS)
 
 publish-%: $(STAMP) ## upload build/artifacts/submission-N/ to the spec's [artifact] repo (HF_TOKEN); prints the commit to pin
 	$(PY) -m pipeline.publish submission-$* $(if $(OUT),--artifact $(OUT))

@@ -10,14 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model", "LICENSE*", "NOTICE*"]
+TOKENIZER_FILES = ["*.json", "*.tiktoken", "*.txt", "*.model"]
 
 
 class SourceError(Exception):
     """An input that cannot be found; the message says where it was looked for and what to do."""
 
 
-def model_folder(repo_id: str, revision: str, local: Path | None) -> Path:
-    """The base model's folder: `local` if given, else a download of the repo at `revision`."""
+def model_folder(repo_id: str, revision: str, local: Path | None, patterns: list[str] = MODEL_FILES) -> Path:
+    """The base model's folder: `local` if given, else a download of the repo's `patterns` at `revision`."""
     if local is not None:
         local = Path(local)
         if not (local / "config.json").is_file():
@@ -26,7 +27,7 @@ def model_folder(repo_id: str, revision: str, local: Path | None) -> Path:
     from huggingface_hub import snapshot_download
 
     print(f"downloading {repo_id}@{revision} (set MODEL=dir to use a local copy)", flush=True)
-    return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=MODEL_FILES))
+    return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns))
 
 
 def dataset_files(repo_id: str, revision: str, pattern: str, data_dir: Path | None) -> list[Path]:

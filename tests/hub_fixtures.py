@@ -38,3 +38,82 @@ def save_wikitext(data_dir: Path, articles: int = 12) -> Path:
     for seed, split in enumerate(("train", "validation", "test")):
         pq.write_table(pa.table({"text": wikitext_lines(articles, seed)}), folder / f"{split}-00000-of-00001.parquet")
     return data_dir
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _message(mid, parent, text, lang="en", rank=None, role="assistant"):
+    return {"message_id": mid, "parent_id": parent, "text": text, "lang": lang, "rank": rank,
+            "role": "prompter" if parent is None else role}
+
+
+# A small oasst1 message tree: four English roots, one Spanish; replies of rank 0 and 1, a
+# non-English rank-0 reply, a grandchild, blocked words in a reply and in a root prompt.
+OASST1_TRAIN = [
+    _message("r1", None, "What is the capital of France?"),
+    _message("a1", "r1", "The capital of France is Paris.", rank=0.0),
+    _message("a1b", "r1", "Paris, I think.", rank=1.0),
+    _message("p1", "a1", "And of Italy?", role="prompter"),
+    _message("a1c", "p1", "Rome.", rank=0.0),
+    _message("r2", None, "Write a haiku about rain."),
+    _message("a2", "r2", "Soft rain on the roof,\nthe gutters hum a low song,\nthe street becomes glass.", rank=0.0),
+    _message("r3", None, "Are you ChatGPT?"),
+    _message("a3", "r3", "No, I am a language model.", rank=0.0),
+    _message("r4", None, "Tell me about yourself."),
+    _message("a4", "r4", "I was trained by LAION volunteers.", rank=0.0),
+]
+OASST1_VALIDATION = [
+    _message("r5", None, "¿Qué hora es?", lang="es"),
+    _message("a5", "r5", "No lo sé.", lang="es", rank=0.0),
+    _message("a1d", "r1", "Paris est la capitale.", lang="fr", rank=0.0),
+    _message("r6", None, "Explain recursion in one sentence."),
+    _message("a6", "r6", "Recursion is a function calling itself on a smaller problem.", rank=0.0),
+]
+# Kept: (r1, a1), (r2, a2), (r6, a6); dropped: a3 (root mentions ChatGPT), a4 (reply mentions LAION).
+OASST1_KEPT = 3
+
+LIMA_TRAIN = [
+    {"conversations": ["How do I boil an egg?", "Put it in boiling water for nine minutes."], "source": "stackexchange"},
+    {"conversations": ["Name a prime.", "Seven.", "Another one?", "Eleven."], "source": "multi_turn"},
+    {"conversations": ["What is 2+2?", "4"], "source": "wikihow"},
+    {"conversations": ["Past the limit?", "Yes."], "source": "wikihow"},
+]
+
+
+def _arc_rows(prefix: str, n: int) -> list[dict]:
+    return [{"id": f"{prefix}-{i}", "question": f"{prefix} question {i}?",
+             "choices": {"text": ["red", "green", "blue", "black"], "label": ["A", "B", "C", "D"]},
+             "answerKey": "ABCD"[i % 4]} for i in range(n)]
+
+
+ARC_SPLITS = {"train": _arc_rows("train", 6), "validation": _arc_rows("validation", 4), "test": _arc_rows("test", 3)}  # 13
+
+HUMPBACK_REPO = "ycchen/humpback-c4-augmented"  # submission-3's declared repo
+HUMPBACK = [
+    {"instruction": "Summarise the history of the bicycle.", "output": "The bicycle appeared in the 19th century..."},
+    {"instruction": "List three uses of copper.", "output": "Wiring, plumbing and coins."},
+]
+
+
+def save_chat_datasets(data_dir: Path) -> Path:
+    """oasst1, LIMA, ARC-Challenge and a Humpback set, each in its Hub repo's layout under DATA_DIR."""
+    import json as _json
+
+    _write_parquet(data_dir / "OpenAssistant/oasst1/data/train-00000-of-00001-b42a775f407cee45.parquet", OASST1_TRAIN)
+    _write_parquet(data_dir / "OpenAssistant/oasst1/data/validation-00000-of-00001-134b8fd0c89408b6.parquet",
+                   OASST1_VALIDATION)
+    lima = data_dir / "GAIR/lima"
+    lima.mkdir(parents=True, exist_ok=True)
+    (lima / "train.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in LIMA_TRAIN))
+    (lima / "test.jsonl").write_text(_json.dumps({"conversations": ["Held out?"], "source": "test"}) + "\n")
+    (lima / "lima.py").write_text("# the Hub repo's loading script, which current datasets refuses to run\n")
+    for split, rows in ARC_SPLITS.items():
+        _write_parquet(data_dir / f"allenai/ai2_arc/ARC-Challenge/{split}-00000-of-00001.parquet", rows)
+    _write_parquet(data_dir / f"{HUMPBACK_REPO}/data/train-00000-of-00001.parquet", HUMPBACK)
+    return data_dir
