@@ -8,9 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from packager.paths import REPO, SUBMISSIONS
+from packager.paths import REPO
 from packager.spec import SpecError, load_spec, spec_path
 
+from ..cli import check_local_inputs, stage_parser
 from ..hub import TOKENIZER_FILES, SourceError, dataset_files, model_folder
 from ..staging import staged_folder
 from . import arc, humpback, lima, oasst1
@@ -139,17 +140,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__)
-    p.add_argument("name", help="submission name (submissions/NAME/spec.toml)")
-    p.add_argument("--submissions", default=str(SUBMISSIONS))
-    p.add_argument("--model", type=Path, help="local model folder for the tokenizer (default: the base model's)")
-    p.add_argument("--data-dir", type=Path, help="local copies of Hub datasets: DATA_DIR/<repo_id>/...")
-    p.add_argument("--out", type=Path, help="output folder (default build/data/NAME)")
+    p = stage_parser("python -m pipeline.data", __doc__, "local model folder for the tokenizer (default: the base model's)",
+                     "output folder (default build/data/NAME)")
     args = p.parse_args(argv)
     try:
-        for flag, value in (("MODEL", args.model), ("DATA_DIR", args.data_dir)):
-            if value is not None and not value.is_dir():
-                raise SourceError(f"{flag}={value}: not a folder")
+        check_local_inputs(args)
         return run(args)
     except (SpecError, SourceError, DataLossError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from packager.budget import models_table
-from packager.paths import REPO, SUBMISSIONS
+from packager.paths import REPO
 from packager.spec import SpecError, load_spec, spec_path
 
+from ..cli import check_local_inputs, stage_parser
 from ..convert import ConvertError, convert_model, is_qwen1
 from ..hub import SourceError, dataset_files, model_folder
 from ..staging import staged_folder
@@ -169,12 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.quantize", description=__doc__)
-    p.add_argument("name", help="submission name (submissions/NAME/spec.toml)")
-    p.add_argument("--submissions", default=str(SUBMISSIONS))
-    p.add_argument("--model", type=Path, help="local base model folder instead of the Hub download")
-    p.add_argument("--data-dir", type=Path, help="local copies of Hub datasets: DATA_DIR/<repo_id>/...")
-    p.add_argument("--out", type=Path, help="artifact folder (default build/artifacts/NAME)")
+    p = stage_parser("python -m pipeline.quantize", __doc__, "local base model folder instead of the Hub download",
+                     "artifact folder (default build/artifacts/NAME)")
     p.add_argument("--work", type=Path, help="calibration windows, plan, converted base (default build/quantize/NAME)")
     p.add_argument("--dry-run", action="store_true", help="write calibration windows and plan; quantize nothing")
     p.add_argument("--budget", choices=["check", "ignore"], default="check", help="refuse a run that cannot fit a 4090")
@@ -182,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
     args = p.parse_args(argv)
     try:
-        if args.model is not None and not args.model.is_dir():
-            raise QuantizeError(f"MODEL={args.model}: not a folder")
-        if args.data_dir is not None and not args.data_dir.is_dir():
-            raise QuantizeError(f"DATA_DIR={args.data_dir}: not a folder")
+        check_local_inputs(args)
         return run(args)
     except (QuantizeError, SpecError, SourceError, ConvertError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
