@@ -62,12 +62,12 @@ def flat(files) -> list[Path]:
     return [f for fs in files.values() for f in fs] if isinstance(files, dict) else list(files)
 
 
-def cache_key(training, files: dict, tokenizer_fingerprint: str) -> str:
+def cache_key(training, hashes: dict[Path, str], tokenizer_fingerprint: str) -> str:
     inputs = {
         "data": [cfg.model_dump(mode="json") for cfg in training.data],
         "template": training.template.model_dump(mode="json"),
         "max_length": training.schedule.max_length,
-        "files": {name: [file_sha256(f) for f in flat(fs)] for name, fs in files.items()},
+        "files": sorted(hashes.values()),
         "tokenizer": tokenizer_fingerprint,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     # 1. the tokenizer and every source's files (local copies or downloads)
     tokenizer, fingerprint = load_tokenizer(spec, args.model)
     files = {cfg.source: source_files(cfg, args.data_dir) for cfg in training.data}
-    key = cache_key(training, files, fingerprint)
+    hashes = {f: file_sha256(f) for fs in files.values() for f in flat(fs)}
+    key = cache_key(training, hashes, fingerprint)
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("inputs_sha256") == key:
         print(table(json.loads(manifest_path.read_text())["sources"]))
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     for cfg in training.data:
         mine = [i for i, e in enumerate(examples) if e.source == cfg.source]
         entries[cfg.source] = source_entry(loaded[cfg.source], [examples[i] for i in mine],
-                                           [rendered[i]["text"] for i in mine])
+                                           [rendered[i]["text"] for i in mine], hashes)
     print(table(entries))
     check(training.data, loaded, examples)
 

@@ -29,11 +29,11 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def source_entry(loaded: Loaded, examples: list[Example], texts: list[str]) -> dict:
+def source_entry(loaded: Loaded, examples: list[Example], texts: list[str], hashes: dict) -> dict:
     answer_tokens = sum(sum(1 for label in e.labels if label != IGNORE) for e in examples)
     content = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     return {
-        "files": [{"name": f.name, "sha256": file_sha256(f)} for f in loaded.files],
+        "files": [{"name": f.name, "sha256": hashes[f]} for f in loaded.files],
         "rows_read": loaded.rows_read,
         "rows_used": loaded.rows_used,
         "dropped": dict(sorted(loaded.dropped.items())),
