@@ -202,3 +202,16 @@ def test_template_placeholders_are_checked_with_the_spec(world, capsys):
         assert "template for arc: prompt uses ['prompt']" in capsys.readouterr().err
     finally:
         _edit(world, "submission-3", 'prompt = "\\nQuestion: {prompt}', 'prompt = "\\nQuestion: {question}')
+
+
+def test_humpback_from_the_stage_s_local_folder(world, tmp_path):
+    """`repo_id` may name the Humpback stage's own output folder instead of a Hub repo."""
+    local = tmp_path / "humpback-curated"
+    shutil.copytree(world / "hub" / HUMPBACK_REPO, local)
+    _edit(world, "submission-3", f'repo_id = "{HUMPBACK_REPO}"', f'repo_id = "{local}"')
+    try:
+        assert _run(world, "submission-3", tmp_path / "out") == 0
+    finally:
+        _edit(world, "submission-3", f'repo_id = "{local}"', f'repo_id = "{HUMPBACK_REPO}"')
+    rows = _rendered(tmp_path / "out")
+    assert sum(r["source"] == "humpback" for r in rows) == 2
