@@ -28,7 +28,10 @@ def world(tmp_path_factory):
     save_qwen1_checkpoint(root / "Qwen-14B")
     for n in (2, 3):
         (root / "submissions" / f"submission-{n}").mkdir(parents=True)
-        shutil.copy(REPO / "submissions" / f"submission-{n}" / "spec.toml", root / "submissions" / f"submission-{n}")
+        text = (REPO / "submissions" / f"submission-{n}" / "spec.toml").read_text()
+        # The specs expect the real data sets' counts (3,538 oasst1 pairs, 1,000 LIMA rows); the fixtures are small.
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("expect = "))
+        (root / "submissions" / f"submission-{n}" / "spec.toml").write_text(text + "\n")
     return root
 
 

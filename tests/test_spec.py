@@ -53,6 +53,7 @@ def test_submission_2_is_the_reference_qlora_recipe():
     assert (oasst.reply_rank, oasst.parent) == (0, "root")
     assert oasst.drop_if_mentions == ["open assist", "open-assist", "chatgpt", "laion"]
     assert lima.source == "lima" and lima.limit == 1000
+    assert (oasst.expect, lima.expect) == (3538, 1000)  # the reference's published set: 3,538 + 1,000 = 4,538
 
 
 def test_submission_3_adds_arc_and_humpback_at_rank_32():
