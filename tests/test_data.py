@@ -7,6 +7,7 @@ reference's accidents is reproduced on purpose and must be refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -40,11 +41,17 @@ def _run(world, name, out, *extra):
                       "--data-dir", str(world / "hub"), "--out", str(out), *extra])
 
 
-def _edit(world, name, old, new):
+@contextlib.contextmanager
+def edited(world, name, old, new):
+    """The world's copy of a spec with `old` replaced by `new`, restored afterwards."""
     path = world / "submissions" / name / "spec.toml"
     text = path.read_text()
     assert old in text
     path.write_text(text.replace(old, new, 1))
+    try:
+        yield
+    finally:
+        path.write_text(text)
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +139,8 @@ def test_loss_only_on_answers_tokenized_piece_by_piece(world, built2):
 
 
 def test_truncation_is_counted_not_silent(world, tmp_path):
-    _edit(world, "submission-2", "max_length = 2048", "max_length = 12")
-    try:
+    with edited(world, "submission-2", "max_length = 2048", "max_length = 12"):
         assert _run(world, "submission-2", tmp_path / "short") == 0
-    finally:
-        _edit(world, "submission-2", "max_length = 12", "max_length = 2048")
     sources = json.loads((tmp_path / "short" / "manifest.json").read_text())["sources"]
     assert sources["oasst1"]["truncated"] == OASST1_KEPT and sources["lima"]["truncated"] >= 1
 
@@ -190,31 +194,22 @@ def test_refuses_an_empty_or_missing_source_and_a_wrong_expect(world, tmp_path, 
         assert f"no data/train-*.parquet under {world / 'hub' / HUMPBACK_REPO}" in capsys.readouterr().err
     finally:
         empty.write_bytes(saved)
-    _edit(world, "submission-2", 'source = "lima"\n', 'source = "lima"\nexpect = 1000\n')
-    try:
+    with edited(world, "submission-2", 'source = "lima"\n', 'source = "lima"\nexpect = 1000\n'):
         assert _run(world, "submission-2", tmp_path / "y") == 2
         assert "lima: 4 conversations, the spec expects 1000" in capsys.readouterr().err
-    finally:
-        _edit(world, "submission-2", 'source = "lima"\nexpect = 1000\n', 'source = "lima"\n')
 
 
 def test_template_placeholders_are_checked_with_the_spec(world, capsys):
-    _edit(world, "submission-3", 'prompt = "\\nQuestion: {question}', 'prompt = "\\nQuestion: {prompt}')
-    try:
+    with edited(world, "submission-3", 'prompt = "\\nQuestion: {question}', 'prompt = "\\nQuestion: {prompt}'):
         assert _run(world, "submission-3", world / "never") == 2
         assert "template for arc: prompt uses ['prompt']" in capsys.readouterr().err
-    finally:
-        _edit(world, "submission-3", 'prompt = "\\nQuestion: {prompt}', 'prompt = "\\nQuestion: {question}')
 
 
 def test_humpback_from_the_stage_s_local_folder(world, tmp_path):
     """`repo_id` may name the Humpback stage's own output folder instead of a Hub repo."""
     local = tmp_path / "humpback-curated"
     shutil.copytree(world / "hub" / HUMPBACK_REPO, local)
-    _edit(world, "submission-3", f'repo_id = "{HUMPBACK_REPO}"', f'repo_id = "{local}"')
-    try:
+    with edited(world, "submission-3", f'repo_id = "{HUMPBACK_REPO}"', f'repo_id = "{local}"'):
         assert _run(world, "submission-3", tmp_path / "out") == 0
-    finally:
-        _edit(world, "submission-3", f'repo_id = "{local}"', f'repo_id = "{HUMPBACK_REPO}"')
     rows = _rendered(tmp_path / "out")
     assert sum(r["source"] == "humpback" for r in rows) == 2

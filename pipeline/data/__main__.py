@@ -106,16 +106,16 @@ def run(args: argparse.Namespace) -> int:
     training = spec.training
     if training is None:
         raise SpecError(f"{args.name}: the spec has no [training] section; there is no training data to build")
-    out = Path(args.out) if args.out else DATA / spec.name
+    out = args.out or DATA / spec.name
 
     # 1. the tokenizer and every source's files (local copies or downloads)
     tokenizer, fingerprint = load_tokenizer(spec, args.model)
     files = {cfg.source: source_files(cfg, args.data_dir) for cfg in training.data}
     hashes = {f: file_sha256(f) for fs in files.values() for f in flat(fs)}
     key = cache_key(training, hashes, fingerprint)
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("inputs_sha256") == key:
-        print(table(json.loads(manifest_path.read_text())["sources"]))
+    previous = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+    if previous.get("inputs_sha256") == key:
+        print(table(previous["sources"]))
         print(f"{out} is up to date (same data and template sections, files and tokenizer): reused")
         return 0
 

@@ -44,8 +44,10 @@ def parquet_pattern(config: str | None, split: str) -> str:
     return f"{config}/{split}-*.parquet" if config else f"**/{split}-*.parquet"
 
 
-def tokenize(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+def split_token_ids(cal, split: str, tokenizer, data_dir: Path | None) -> list[int]:
+    """One split of the calibration dataset, joined as the reference joined it, tokenized once."""
+    files = dataset_files(cal.dataset, cal.revision, parquet_pattern(cal.config, split), data_dir)
+    return tokenizer(split_text(files, cal.text_field), add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def weights_fingerprint(folder: Path) -> list:
@@ -90,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     q = spec.quantization
     if q is None:
         raise QuantizeError(f"{args.name}: the spec has no [quantization] section; nothing to quantize")
-    out = Path(args.out) if args.out else ARTIFACTS / spec.name
-    work = Path(args.work) if args.work else WORK / spec.name
+    out = args.out or ARTIFACTS / spec.name
+    work = args.work or WORK / spec.name
     work.mkdir(parents=True, exist_ok=True)
 
     # 1. the base model, in the Qwen2 layout
@@ -103,11 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. calibration windows and held-out windows
     cal, ppl = q.calibration, q.perplexity
-    data_dir = Path(args.data_dir) if args.data_dir else None
-    cal_ids = tokenize(tokenizer, split_text(dataset_files(cal.dataset, cal.revision, parquet_pattern(cal.config, cal.split), data_dir), cal.text_field))
+    cal_ids = split_token_ids(cal, cal.split, tokenizer, args.data_dir)
     offsets, windows = calibration_windows(cal_ids, cal.num_samples, cal.seq_len, cal.seed)
-    held_ids = tokenize(tokenizer, split_text(dataset_files(cal.dataset, cal.revision, parquet_pattern(cal.config, ppl.split), data_dir), cal.text_field))
-    heldout = heldout_windows(held_ids, ppl.windows, ppl.seq_len)
+    heldout = heldout_windows(split_token_ids(cal, ppl.split, tokenizer, args.data_dir), ppl.windows, ppl.seq_len)
     calibration = {
         "dataset": cal.dataset, "revision": cal.revision, "config": cal.config, "split": cal.split,
         "text_tokens": len(cal_ids), "seq_len": cal.seq_len, "seed": cal.seed, "offsets": offsets,

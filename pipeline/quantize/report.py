@@ -28,7 +28,7 @@ def load_for_eval(folder: Path, device: torch.device):
     """Load a model for scoring: a GPTQ one the way the server does; the fp16 base spread over
     GPU and CPU memory as needed (14B in fp16 is 28 GB, more than a 4090 holds)."""
     from helm_server.hf_engine import load_model
-    from helm_server.settings import GenerationSettings, ServeConfig, ServedModel, ServerSettings
+    from helm_server.settings import GenerationSettings, ServeConfig, ServedModel
 
     dtype = "float16" if device.type == "cuda" else "float32"
     if device.type == "cuda" and "quantization_config" not in json.loads((folder / "config.json").read_text()):
@@ -39,7 +39,6 @@ def load_for_eval(folder: Path, device: torch.device):
         submission="quantize-report",
         model=ServedModel(repo_id=str(folder), dtype=dtype),
         generation=GenerationSettings(eos_token_ids=[0]),
-        server=ServerSettings(device=device.type),
     )
     return load_model(config, device)
 
