@@ -17,6 +17,19 @@ class SourceError(Exception):
     """An input that cannot be found; the message says where it was looked for and what to do."""
 
 
+def download(repo_id: str, revision: str, patterns: list[str], repo_type: str, local_hint: str) -> Path:
+    """snapshot_download into the Hugging Face cache; a Hub that cannot be reached is a SourceError."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SourceError(f"could not download {repo_id}@{revision} ({reason}); set {local_hint} to use a local copy "
+                          "in the Hub layout, or HF_TOKEN for a private repo") from None
+
+
 def model_folder(repo_id: str, revision: str, local: Path | None, patterns: list[str] = MODEL_FILES) -> Path:
     """The base model's folder: `local` if given, else a download of the repo's `patterns` at `revision`."""
     if local is not None:
@@ -24,10 +37,8 @@ def model_folder(repo_id: str, revision: str, local: Path | None, patterns: list
         if not (local / "config.json").is_file():
             raise SourceError(f"MODEL={local}: no config.json there; point MODEL at a Hugging Face model folder")
         return local
-    from huggingface_hub import snapshot_download
-
     print(f"downloading {repo_id}@{revision} (set MODEL=dir to use a local copy)", flush=True)
-    return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns))
+    return download(repo_id, revision, patterns, repo_type="model", local_hint="MODEL=dir")
 
 
 def dataset_files(repo_id: str, revision: str, pattern: str, data_dir: Path | None) -> list[Path]:
@@ -36,10 +47,8 @@ def dataset_files(repo_id: str, revision: str, pattern: str, data_dir: Path | No
         root = Path(data_dir) / repo_id
         where = f"DATA_DIR={data_dir}"
     else:
-        from huggingface_hub import snapshot_download
-
         print(f"downloading {repo_id}@{revision}: {pattern} (set DATA_DIR=dir to use a local copy)", flush=True)
-        root = Path(snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision, allow_patterns=[pattern]))
+        root = download(repo_id, revision, [pattern], repo_type="dataset", local_hint="DATA_DIR=dir")
         where = "the Hub download"
     files = sorted(root.glob(pattern))
     if not files:

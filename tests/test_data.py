@@ -213,3 +213,15 @@ def test_humpback_from_the_stage_s_local_folder(world, tmp_path):
         assert _run(world, "submission-3", tmp_path / "out") == 0
     rows = _rendered(tmp_path / "out")
     assert sum(r["source"] == "humpback" for r in rows) == 2
+
+
+def test_an_unreachable_hub_is_a_clear_error(world, tmp_path, monkeypatch, capsys):
+    """No MODEL and no network: the tokenizer download fails with the switch to use instead, not a traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = data.main(["submission-2", "--submissions", str(world / "submissions"), "--data-dir", str(world / "hub"),
+                      "--out", str(tmp_path / "x")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "could not download Qwen/Qwen-14B@main" in err and "set MODEL=dir" in err
