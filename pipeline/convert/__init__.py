@@ -15,7 +15,17 @@ image can convert a Qwen v1 artifact at build time.
     python -m pipeline.convert --adapter SRC OUT  # a LoRA adapter folder
 """
 
-from .checkpoint import ConvertError, convert_model, is_qwen1
-from .lora import convert_adapter
+__all__ = ["ConvertError", "as_qwen2", "convert_adapter", "convert_model", "is_qwen1"]
 
-__all__ = ["ConvertError", "convert_adapter", "convert_model", "is_qwen1"]
+
+def __getattr__(name: str):
+    """Exports load on first use: `names` (the module map, no torch) is imported by the spec."""
+    if name == "convert_adapter":
+        from .lora import convert_adapter
+
+        return convert_adapter
+    if name in ("ConvertError", "as_qwen2", "convert_model", "is_qwen1"):
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

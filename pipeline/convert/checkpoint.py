@@ -126,3 +126,14 @@ def convert_model(src: Path, dst: Path, overwrite: bool = False, log=print) -> P
 
 def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def as_qwen2(base: Path, work: Path) -> Path:
+    """A model folder in the Qwen2 layout: itself, or its conversion (kept in `work`, reused while the source is the same)."""
+    if not is_qwen1(base):
+        return base
+    converted = work / "base-qwen2"
+    record = converted / "conversion.json"
+    if record.is_file() and json.loads(record.read_text()).get("source") == str(base):
+        return converted
+    return convert_model(base, converted, overwrite=True)

@@ -16,23 +16,14 @@ import re
 
 import torch
 
+from .names import LAYER_MODULES
+
 LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 
 TOP_LEVEL = {
     "transformer.wte.weight": "model.embed_tokens.weight",
     "transformer.ln_f.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
-}
-
-# Module inside a layer -> its Qwen2 name(s); one name is a rename, three a split.
-LAYER_MODULES: dict[str, tuple[str, ...]] = {
-    "ln_1": ("input_layernorm",),
-    "ln_2": ("post_attention_layernorm",),
-    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attn.c_proj": ("self_attn.o_proj",),
-    "mlp.w1": ("mlp.up_proj",),
-    "mlp.w2": ("mlp.gate_proj",),
-    "mlp.c_proj": ("mlp.down_proj",),
 }
 
 # Where the output dimension lies, per tensor kind; None: not split (copied to each part).

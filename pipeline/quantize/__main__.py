@@ -14,9 +14,10 @@ from packager.paths import REPO
 from packager.spec import SpecError, load_spec, spec_path
 
 from ..cli import check_local_inputs, stage_parser
-from ..convert import ConvertError, convert_model, is_qwen1
+from ..convert import ConvertError, as_qwen2
+from ..device import emulate_4090
 from ..hub import SourceError, dataset_files, model_folder
-from ..staging import staged_folder
+from ..staging import staged_folder, write_json
 from .calibration import calibration_windows, heldout_windows, split_text, windows_sha256
 from .plan import LayerShape, project
 
@@ -27,17 +28,6 @@ RECORD = "quantize.json"
 
 class QuantizeError(Exception):
     """A run that cannot start or finish; the message names the problem and the fix."""
-
-
-def as_qwen2(base: Path, work: Path) -> Path:
-    """The base model in the Qwen2 layout: itself, or its conversion (kept in the work folder)."""
-    if not is_qwen1(base):
-        return base
-    converted = work / "base-qwen2"
-    record = converted / "conversion.json"
-    if record.is_file() and json.loads(record.read_text()).get("source") == str(base):
-        return converted
-    return convert_model(base, converted, overwrite=True)
 
 
 def parquet_pattern(config: str | None, split: str) -> str:
@@ -71,20 +61,6 @@ def inputs_sha256(spec, base: Path, local: bool, calibration: str, heldout: str)
 def up_to_date(out: Path, inputs: str) -> bool:
     record = out / RECORD
     return record.is_file() and json.loads(record.read_text()).get("inputs_sha256") == inputs
-
-
-def emulate_4090(device, gib: float) -> None:
-    """Cap this process's GPU memory at the 4090's, so a bigger card proves the run fits."""
-    import torch
-
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * (1 << 30) / total), index)
-
-
-def write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def run(args: argparse.Namespace) -> int:
