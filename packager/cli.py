@@ -29,6 +29,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
         spec, sha, warnings = validate(spec_path(Path(args.submissions), name), args.strict)
         _warn(warnings)
         print(f"ok  {name}  spec sha256 {sha[:12]}")
+        if spec.training is not None:
+            lora = spec.training.lora
+            print(f"    LoRA r={lora.r} alpha={lora.alpha} on {lora.resolved()}")
 
 
 def cmd_build(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from helm_server.settings import GenerationSettings, ModelSource, ServedModel, ServerSettings
+from pipeline.train.targets import describe, resolve
 
 SPEC_FILE = "spec.toml"
 
@@ -83,11 +84,22 @@ class Quantization(_Strict):
 
 
 class Lora(_Strict):
+    """LoRA on linear modules of the decoder layers, named as in Qwen v1 or Qwen2 (resolved to Qwen2)."""
+
     r: int = Field(gt=0)
     alpha: int = Field(gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(min_length=1, description="module name suffixes, e.g. attn.c_attn")
-    layers: Literal["all"] | list[int] = "all"
+    target_modules: list[str] = Field(min_length=1, description="attn.c_attn, mlp.w1, ... or self_attn.q_proj, ...")
+    layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = Field(default="all", min_length=1)
+
+    @model_validator(mode="after")
+    def _known_modules(self) -> "Lora":
+        resolve(self.target_modules)  # ValueError names the allowed modules
+        return self
+
+    def resolved(self) -> str:
+        """The Qwen2 modules trained, as `make specs` prints them."""
+        return describe(self.target_modules, self.layers)
 
 
 class Optimizer(_Strict):
@@ -104,6 +116,16 @@ class Schedule(_Strict):
     gradient_accumulation: int = Field(default=1, gt=0)
     max_length: int = Field(gt=0)
     seed: int = 42
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip; HF Trainer's default, under which the reference ran")
+    gradient_checkpointing: bool = True
+    pad_token: str = Field(default="<|extra_21|>", min_length=1, description="never end-of-text: padding must not teach stopping")
+
+
+class Checkpoints(_Strict):
+    """Resumable state (adapter, optimizer, scheduler, RNG, data position), written atomically."""
+
+    every: int = Field(default=50, gt=0, description="optimizer steps between checkpoints (and one at each epoch's end)")
+    keep: int = Field(default=3, gt=0, description="the newest checkpoints kept; older ones are removed")
 
 
 class _Source(_Strict):
@@ -216,6 +238,7 @@ class Training(_Strict):
     lora: Lora
     optimizer: Optimizer
     schedule: Schedule
+    checkpoints: Checkpoints = Checkpoints()
     template: Template
     data: list[DataSource] = Field(min_length=1)
 
