@@ -51,7 +51,10 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    # Qwen's specials in Qwen's order: <|endoftext|> (151643), <|im_start|>, <|im_end|>, <|extra_0..204|>
+    from pipeline.convert.tokenizer import SPECIAL_TOKENS
+
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
     assert tok.token_to_id("<|endoftext|>") == QWEN_EOS_ID
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 

@@ -131,18 +131,18 @@ def gptq_quantize(weight: torch.Tensor, group_size: int, bits: int = 8) -> tuple
     # As GPTQ kernels dequantize: (code - zero) times the fp16 scale, rounded to fp16.
     dequant = ((q.view(out_f, -1, group_size) - zero).half() * scales[..., None]).float()
     qt = q.T.contiguous()  # [in, out]
-    qweight = torch.zeros(in_f // per_int, out_f, dtype=torch.int64)
+    qweight = torch.zeros(in_f // per_int, out_f, dtype=torch.int64, device=weight.device)
     for j in range(per_int):
         qweight |= qt[j::per_int] << (bits * j)
-    stored_zero = torch.full((in_f // group_size, out_f), zero - 1, dtype=torch.int64)  # AutoGPTQ v1 stores zero - 1
-    qzeros = torch.zeros(in_f // group_size, out_f // per_int, dtype=torch.int64)
+    stored_zero = torch.full((in_f // group_size, out_f), zero - 1, dtype=torch.int64, device=weight.device)  # AutoGPTQ v1 stores zero - 1
+    qzeros = torch.zeros(in_f // group_size, out_f // per_int, dtype=torch.int64, device=weight.device)
     for j in range(per_int):
         qzeros |= stored_zero[:, j::per_int] << (bits * j)
     tensors = {
         "qweight": _int32(qweight),
         "qzeros": _int32(qzeros),
         "scales": scales.T.contiguous(),
-        "g_idx": torch.arange(in_f, dtype=torch.int32) // group_size,
+        "g_idx": torch.arange(in_f, dtype=torch.int32, device=weight.device) // group_size,
     }
     return tensors, dequant.view(out_f, in_f)
 

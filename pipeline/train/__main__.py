@@ -1,0 +1,240 @@
+"""python -m pipeline.train NAME [--model DIR] [--data DIR] [--out DIR] [--steps N] [--budget ignore]
+
+QLoRA on the quantized artifact, from the spec's [training] section. Run it
+again after a crash or Ctrl-C and it resumes from the newest checkpoint; run it
+once more after it finished and it says the adapter is up to date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from packager.paths import REPO
+from packager.spec import SpecError, load_spec, spec_path
+
+from ..hub import SourceError, model_folder
+from ..staging import staged_folder, write_json
+from . import checkpoint, curves, plan
+from .checkpoint import CheckpointError, Position
+from .loop import StepResult, make_optimizer, make_scheduler, probe, train
+from .model import ModelError, add_lora, load_base, trainable_parameters, weight_bytes
+from .schedule import optimizer_steps
+
+TRAIN = REPO / "build" / "train"
+DATA = REPO / "build" / "data"
+VERSIONS = ("torch", "transformers", "peft", "gptqmodel", "lion-pytorch", "bitsandbytes")
+
+
+class TrainError(Exception):
+    """A run that cannot start; the message names the problem and the fix."""
+
+
+# --- 1. inputs ----------------------------------------------------------------------
+
+
+def read_data(folder: Path, name: str) -> tuple[list[dict], str]:
+    """The data stage's examples, refused unless its manifest (written only on success) is there and agrees."""
+    manifest_file, parquet = folder / "manifest.json", folder / "train.parquet"
+    if not manifest_file.is_file() or not parquet.is_file():
+        raise TrainError(f"{folder} has no finished training set (manifest.json, train.parquet): run `make data-N` first")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("submission") != name:
+        raise TrainError(f"{folder} was built for {manifest.get('submission')!r}, not {name!r}: run `make data-N`")
+    from datasets import Dataset
+
+    rows = Dataset.from_parquet(str(parquet)).select_columns(["input_ids", "labels"]).to_list()
+    if len(rows) != manifest.get("examples"):
+        raise TrainError(f"{parquet} holds {len(rows)} examples, its manifest says {manifest.get('examples')}: rebuild it")
+    return rows, hashlib.sha256(manifest_file.read_bytes()).hexdigest()
+
+
+def pad_token_id(folder: Path, token: str, eos_ids: list[int]) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if token not in tokenizer.get_vocab() or ids[0] is None:
+        raise TrainError(f"pad_token {token!r} is not in {folder}'s vocabulary; set [training.schedule] pad_token")
+    if ids[0] in eos_ids or ids[0] == tokenizer.eos_token_id:
+        raise TrainError(f"pad_token {token!r} is end-of-text: padding would teach the model to stop; pick another")
+    return ids[0]
+
+
+def run_id(spec, data_sha: str, base: Path) -> str:
+    """What a checkpoint must share to be resumed: recipe (without checkpoint cadence), data, base weights."""
+    recipe = spec.training.model_dump(mode="json", exclude={"checkpoints", "data", "template"})
+    weights = sorted([p.name, p.stat().st_size] for p in base.iterdir() if p.suffix in (".safetensors", ".json"))
+    blob = json.dumps({"recipe": recipe, "data": data_sha, "base": weights}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in VERSIONS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# --- 2. the run ---------------------------------------------------------------------
+
+
+class Progress:
+    """The progress bar, the JSONL log and the checkpoint cadence, called after every optimizer step."""
+
+    def __init__(self, out: Path, total: int, position: Position, model, optimizer, scheduler, cfg, rid: str, device):
+        from tqdm import tqdm
+
+        self.out, self.total, self.cfg, self.rid, self.device = out, total, cfg, rid, device
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.log = out / "log.jsonl"
+        kept = [r for r in curves.read_log(self.log) if r["step"] <= position.step]  # drop steps after the checkpoint
+        self.log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.bar = tqdm(total=total, initial=position.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.last: StepResult | None = None
+
+    def __call__(self, position: Position, result: StepResult) -> None:
+        import torch
+
+        mem = torch.cuda.max_memory_allocated(self.device) / (1 << 30) if self.device.type == "cuda" else None
+        row = {"step": position.step, "epoch": position.epoch if not result.end_of_epoch else position.epoch - 1,
+               "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
+               "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "seconds": result.seconds,
+               "peak_gib": mem, "end_of_epoch": result.end_of_epoch}
+        with self.log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        post = {"loss": f"{result.loss:.4f}", "lr": f"{result.lr:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+        if mem is not None:
+            post["mem"] = f"{mem:.1f}G"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+        if result.end_of_epoch or position.step % self.cfg.every == 0 or position.step == self.total:
+            checkpoint.save(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, position, self.rid, self.cfg.keep)
+        self.last = result
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from helm_server.hf_engine import pick_device
+
+    from ..convert import as_qwen2
+    from ..device import emulate_4090
+
+    spec, spec_sha = load_spec(spec_path(Path(args.submissions), args.name))
+    training = spec.training
+    if training is None:
+        raise SpecError(f"{args.name}: the spec has no [training] section; there is nothing to train")
+    out = args.out or TRAIN / spec.name
+    data = args.data or DATA / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. the data set (the data stage's output) and the base model (the quantized artifact, Qwen2 layout)
+    examples, data_sha = read_data(data, spec.name)
+    base = as_qwen2(model_folder(spec.artifact.repo_id, spec.artifact.revision, args.model), out / "work")
+    pad_id = pad_token_id(base, training.schedule.pad_token, spec.generation.eos_token_ids)
+    rid = run_id(spec, data_sha, base)
+    record = out / "run.json"
+    if record.is_file() and json.loads(record.read_text()).get("run_id") == rid and json.loads(record.read_text()).get("finished"):
+        print(f"{out / 'adapter'} is up to date (same recipe, data and base): nothing to train")
+        return 0
+    resume = checkpoint.latest(out / "checkpoints", rid)
+
+    # 2. model, LoRA, optimizer, schedule over the true number of optimizer steps
+    s = training.schedule
+    total = optimizer_steps(len(examples), s.epochs, s.batch_size, s.gradient_accumulation)
+    device = pick_device(args.device)
+    if args.emulate_4090 and device.type == "cuda":
+        emulate_4090(device, plan.cards()["target"]["memory_gib"])
+    dtype = torch.float16 if spec.artifact.dtype == "auto" else getattr(torch, spec.artifact.dtype)
+    torch.manual_seed(s.seed)
+    model = add_lora(load_base(base, device, dtype), training.lora, s.gradient_checkpointing, spec.artifact.repo_id)
+    params = [p for _, p in trainable_parameters(model)]
+    optimizer = make_optimizer(params, training.optimizer, device)
+    scheduler = make_scheduler(optimizer, total, s)
+    print(f"{spec.name}: LoRA r={training.lora.r} on {training.lora.resolved()}: "
+          f"{sum(p.numel() for p in params):,} trainable parameters; {total} optimizer steps on {device}", flush=True)
+
+    # 3. fresh start: measure, project onto one RTX 4090, refuse over budget; resume: restore everything
+    if resume is None:
+        measured = probe(model, examples, s, pad_id, device)
+        cfg = model.config
+        total_tokens = s.epochs * sum(len(e["input_ids"]) for e in examples)
+        estimated = plan.estimate_memory(weight_bytes(model), sum(p.numel() for p in params),
+                                         plan.STATE_BYTES[training.optimizer.name], cfg.num_hidden_layers,
+                                         cfg.hidden_size, cfg.vocab_size, measured.longest)
+        projected = plan.project(measured, examples=len(examples), epochs=s.epochs, steps=total, total_tokens=total_tokens,
+                                 parameters=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in params),
+                                 optimizer=training.optimizer.name, estimated_bytes=estimated)
+        for line in projected.lines():
+            print(line, flush=True)
+        write_json(out / "plan.json", {"submission": spec.name, "probe": measured.__dict__, **projected.to_json()})
+        plan.check(projected, args.budget, out / "plan.json")
+        position = Position()
+    else:
+        position = checkpoint.load(resume, model, optimizer, scheduler)
+        print(f"resuming from {resume} (step {position.step} of {total}, epoch {position.epoch + 1})", flush=True)
+
+    # 4. train, checkpointing as it goes
+    progress = Progress(out, total, position, model, optimizer, scheduler, training.checkpoints, rid, device)
+    started = time.perf_counter()
+    stop_at = None if args.steps is None else min(total, args.steps)
+    if stop_at is None or position.step < stop_at:
+        position = train(model, optimizer, scheduler, examples, s, position, pad_id, device, progress, stop_at)
+    progress.bar.close()
+
+    # 5. the adapter, the record, the curves
+    finished = position.step >= total
+    with staged_folder(out / "adapter") as tmp:
+        model.save_pretrained(tmp, save_embedding_layers=False)
+    rows = curves.read_log(out / "log.jsonl")
+    write_json(record, {
+        "submission": spec.name, "run_id": rid, "spec_sha256": spec_sha, "data_manifest_sha256": data_sha,
+        "base": spec.artifact.model_dump(mode="json"), "finished": finished, "steps": position.step, "total_steps": total,
+        "epochs_done": position.epoch, "final_loss": rows[-1]["loss"] if rows else None,
+        "seconds_this_session": round(time.perf_counter() - started, 1), "device": str(device), "versions": versions(),
+    })
+    if rows:
+        curves.plot(rows, out / "curves.png", f"{spec.name}: QLoRA r={training.lora.r}, {training.optimizer.name}")
+    state = "finished" if finished else f"stopped at step {position.step} of {total} (run again to continue)"
+    print(f"{state}: adapter in {out / 'adapter'}, log {out / 'log.jsonl'}, curves {out / 'curves.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from packager.paths import SUBMISSIONS
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__)
+    p.add_argument("name", help="submission name (submissions/NAME/spec.toml)")
+    p.add_argument("--submissions", default=str(SUBMISSIONS))
+    p.add_argument("--model", type=Path, help="local quantized model folder (default: the spec's [artifact])")
+    p.add_argument("--data", type=Path, help="the data stage's folder (default build/data/NAME)")
+    p.add_argument("--out", type=Path, help="run folder (default build/train/NAME)")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps in all (smoke runs; run again to go on)")
+    p.add_argument("--budget", choices=["ignore"], help="train even when the 4090 projection is over budget")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps <= 0:
+        p.error(f"--steps {args.steps}: must be a positive number of optimizer steps")
+    for flag, value in (("MODEL", args.model), ("DATA", args.data)):
+        if value is not None and not value.is_dir():
+            print(f"error: {flag}={value}: not a folder", file=sys.stderr)
+            return 2
+    try:
+        return run(args)
+    except (SpecError, SourceError, TrainError, ModelError, CheckpointError, plan.BudgetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
