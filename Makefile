@@ -28,12 +28,17 @@ OUT      ?=
 DATA_DIR ?=
 DRY_RUN  ?=
 BUDGET   ?=
+STEPS    ?=
 DATA_FLAGS     := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
 QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
                   $(if $(call yes,$(DRY_RUN)),--dry-run) $(if $(filter ignore,$(BUDGET)),--budget ignore)
+# make train-N: the data stage first (into OUT/data when OUT is given), then training.
+TRAIN_DATA_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)/data)
+TRAIN_FLAGS      := $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT) --data $(OUT)/data) \
+                    $(if $(STEPS),--steps $(STEPS)) $(if $(filter ignore,$(BUDGET)),--budget ignore)
 
 help: ## list the targets
-	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore]"
+	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n]"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
@@ -75,6 +80,16 @@ quantize-%: $(STAMP) ## GPTQ of submission-N's base model -> build/artifacts/sub
 
 data-%: $(STAMP) ## submission-N's [[training.data]] -> build/data/submission-N/ (tokenized set, rendered.jsonl, manifest)
 	$(PY) -m pipeline.data submission-$* $(DATA_FLAGS)
+
+train-%: $(STAMP) ## data-N if needed, then QLoRA -> build/train/submission-N/adapter/; run again to resume
+	$(PY) -m pipeline.data submission-$* $(TRAIN_DATA_FLAGS)
+	$(PY) -m pipeline.train submission-$* $(TRAIN_FLAGS)
+
+train-bundle-%: $(STAMP) ## the training reproduction bundle -> dist/submission-N-train.zip (Dockerfile, code, spec)
+	$(PY) -m packager.train_bundle submission-$*
+
+publish-train-%: $(STAMP) ## upload build/train/submission-N/adapter/ to the spec's [adapter] repo (HF_TOKEN); prints the commit
+	$(PY) -m pipeline.publish submission-$* --train $(if $(OUT),--run $(OUT))
 
 publish-%: $(STAMP) ## upload build/artifacts/submission-N/ to the spec's [artifact] repo (HF_TOKEN); prints the commit to pin
 	$(PY) -m pipeline.publish submission-$* $(if $(OUT),--artifact $(OUT))

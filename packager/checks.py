@@ -158,24 +158,25 @@ def no_secrets(files: Files) -> list[str]:
     return problems
 
 
-RULES: list[Rule] = [
+# Rules for every zip the toolkit writes (submissions and training bundles alike).
+COMMON_RULES: list[Rule] = [
     one_top_level_folder,
     exactly_one_dockerfile,
-    server_files_present,
     requirements_pinned,
     base_image_tagged,
-    cmd_runs_uvicorn_on_80,
     no_bytecode,
     no_weights_or_large_files,
     no_secrets,
 ]
+# A submission is also a server the challenge talks to.
+RULES: list[Rule] = COMMON_RULES[:2] + [server_files_present] + COMMON_RULES[2:4] + [cmd_runs_uvicorn_on_80] + COMMON_RULES[4:]
 
 
-def problems(files: Files) -> list[str]:
-    return [p for rule in RULES for p in rule(files)]
+def problems(files: Files, rules: list[Rule] = RULES) -> list[str]:
+    return [p for rule in rules for p in rule(files)]
 
 
-def check(files: Files) -> None:
-    found = problems(files)
+def check(files: Files, rules: list[Rule] = RULES, what: str = "the submission") -> None:
+    found = problems(files, rules)
     if found:
-        raise PackagingError("the submission breaks the zip rules:\n" + "\n".join(f"  - {p}" for p in found))
+        raise PackagingError(f"{what} breaks the zip rules:\n" + "\n".join(f"  - {p}" for p in found))

@@ -1,6 +1,7 @@
-"""`make publish-N`: upload a finished artifact to the spec's [artifact] repo and print the commit to pin.
+"""`make publish-N` / `make publish-train-N`: upload a finished artifact (or adapter) and print the commit to pin.
 
-    python -m pipeline.publish NAME [--artifact DIR]
+    python -m pipeline.publish NAME [--artifact DIR]       # -> the spec's [artifact] repo
+    python -m pipeline.publish NAME --train [--run DIR]    # the adapter of a finished run -> [adapter] repo
 
 The token comes from HF_TOKEN and goes only to the Hub client. Only finished
 artifacts go up: the folder must hold the quantize stage's report.json and
@@ -18,6 +19,7 @@ from packager.spec import SpecError, load_spec, spec_path
 from packager.paths import REPO, SUBMISSIONS
 
 ARTIFACTS = REPO / "build" / "artifacts"
+TRAIN = REPO / "build" / "train"
 REQUIRED = ("config.json", "report.json", "quantize.json")
 
 
@@ -31,6 +33,34 @@ def check_artifact(folder: Path) -> None:
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise PublishError(f"{folder} lacks {', '.join(missing)}: not a finished `make quantize-N` artifact")
+
+
+def check_run(run: Path) -> None:
+    """Only a finished training run's adapter goes up (a STEPS= smoke run or a partial one never does)."""
+    import json
+
+    record = run / "run.json"
+    if not record.is_file():
+        raise PublishError(f"{run} has no run.json: run `make train-N` first (or pass OUT=dir)")
+    state = json.loads(record.read_text())
+    if not state.get("finished"):
+        raise PublishError(f"{run} stopped at step {state.get('steps')} of {state.get('total_steps')}: "
+                           "run `make train-N` again to finish it first")
+    missing = [n for n in ("adapter_config.json", "adapter_model.safetensors") if not (run / "adapter" / n).is_file()]
+    if missing:
+        raise PublishError(f"{run / 'adapter'} lacks {', '.join(missing)}")
+
+
+def adapter_upload(run: Path, staging: Path) -> Path:
+    """The adapter's files with the run's record and curves beside them (no checkpoints, no optimizer state)."""
+    import shutil
+
+    for f in (run / "adapter").iterdir():
+        shutil.copy2(f, staging / f.name)
+    for name in ("run.json", "curves.png"):
+        if (run / name).is_file():
+            shutil.copy2(run / name, staging / name)
+    return staging
 
 
 def publish(repo_id: str, folder: Path, token: str, message: str) -> str:
@@ -48,20 +78,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("--submissions", default=str(SUBMISSIONS))
     p.add_argument("--artifact", type=Path, help="default build/artifacts/NAME")
+    p.add_argument("--train", action="store_true", help="publish the trained adapter to the spec's [adapter] repo")
+    p.add_argument("--run", type=Path, help="the training run folder (default build/train/NAME)")
     args = p.parse_args(argv)
     try:
         spec, _ = load_spec(spec_path(Path(args.submissions), args.name))
-        folder = args.artifact or ARTIFACTS / spec.name
-        check_artifact(folder)
+        if args.train:
+            if spec.adapter is None or spec.training is None:
+                raise PublishError(f"{spec.name} has no [training] and [adapter] sections: nothing to publish")
+            folder, section, repo_id = args.run or TRAIN / spec.name, "adapter", spec.adapter.repo_id
+            check_run(folder)
+        else:
+            folder, section, repo_id = args.artifact or ARTIFACTS / spec.name, "artifact", spec.artifact.repo_id
+            check_artifact(folder)
         token = os.environ.get("HF_TOKEN", "").strip()
         if not token:
-            raise PublishError("HF_TOKEN is not set: export a Hub token with write access to " + spec.artifact.repo_id)
-        commit = publish(spec.artifact.repo_id, folder, token, f"{spec.name}: GPTQ artifact from make quantize")
+            raise PublishError("HF_TOKEN is not set: export a Hub token with write access to " + repo_id)
+        if args.train:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="adapter-upload-") as tmp:
+                commit = publish(repo_id, adapter_upload(folder, Path(tmp)), token, f"{spec.name}: LoRA adapter from make train")
+        else:
+            commit = publish(repo_id, folder, token, f"{spec.name}: GPTQ artifact from make quantize")
     except (PublishError, SpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"uploaded {folder} to {spec.artifact.repo_id} at commit {commit}")
-    print(f'pin it in submissions/{spec.name}/spec.toml: [artifact] revision = "{commit}"')
+    print(f"uploaded {folder} to {repo_id} at commit {commit}")
+    print(f'pin it in submissions/{spec.name}/spec.toml: [{section}] revision = "{commit}"')
     return 0
 
 
