@@ -263,8 +263,11 @@ def test_publish_train_refuses_unfinished_runs_and_missing_tokens(world, straigh
     monkeypatch.delenv("HF_TOKEN", raising=False)
     assert publish.main(["submission-2", *subs, "--train", "--run", str(tmp_path)]) == 2
     assert "make train-N" in capsys.readouterr().err
-    assert publish.main(["submission-2", *subs, "--train", "--run", str(world / "train-3-budget")]) == 2
-    assert "stopped at step 1" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "run.json").write_text(json.dumps({"finished": False, "steps": 1, "total_steps": 12}))
+    assert publish.main(["submission-2", *subs, "--train", "--run", str(partial)]) == 2
+    assert "stopped at step 1 of 12" in capsys.readouterr().err
     assert publish.main(["submission-2", *subs, "--train", "--run", str(straight)]) == 2
     assert "HF_TOKEN is not set" in capsys.readouterr().err
     uploaded = {}
