@@ -22,13 +22,16 @@ MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAP
 .DEFAULT_GOAL := help
 .PHONY: help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
-# Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data), DRY_RUN=1, BUDGET=ignore (quantize).
+# Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data, train), DRY_RUN=1,
+# BUDGET=ignore (quantize, train), STEPS=n (train), SUBMISSIONS=dir (data, train: specs from another folder).
 SRC      ?=
 OUT      ?=
 DATA_DIR ?=
 DRY_RUN  ?=
 BUDGET   ?=
 STEPS    ?=
+SUBMISSIONS ?=
+SUBS_FLAG      := $(if $(SUBMISSIONS),--submissions $(SUBMISSIONS))
 DATA_FLAGS     := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
 QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
                   $(if $(call yes,$(DRY_RUN)),--dry-run) $(if $(filter ignore,$(BUDGET)),--budget ignore)
@@ -79,11 +82,11 @@ quantize-%: $(STAMP) ## GPTQ of submission-N's base model -> build/artifacts/sub
 	$(PY) -m pipeline.quantize submission-$* $(QUANTIZE_FLAGS)
 
 data-%: $(STAMP) ## submission-N's [[training.data]] -> build/data/submission-N/ (tokenized set, rendered.jsonl, manifest)
-	$(PY) -m pipeline.data submission-$* $(DATA_FLAGS)
+	$(PY) -m pipeline.data submission-$* $(SUBS_FLAG) $(DATA_FLAGS)
 
 train-%: $(STAMP) ## data-N if needed, then QLoRA -> build/train/submission-N/adapter/; run again to resume
-	$(PY) -m pipeline.data submission-$* $(TRAIN_DATA_FLAGS)
-	$(PY) -m pipeline.train submission-$* $(TRAIN_FLAGS)
+	$(PY) -m pipeline.data submission-$* $(SUBS_FLAG) $(TRAIN_DATA_FLAGS)
+	$(PY) -m pipeline.train submission-$* $(SUBS_FLAG) $(TRAIN_FLAGS)
 
 train-bundle-%: $(STAMP) ## the training reproduction bundle -> dist/submission-N-train.zip (Dockerfile, code, spec)
 	$(PY) -m packager.train_bundle submission-$*

@@ -91,6 +91,8 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
     gpus = gpu_available()
     mounts = Mounts(model=model, adapter=adapter)
     report.add("model", f"{model} (mounted read-only)" if model else "baked into the image at build time")
+    if adapter is not None:
+        report.add("adapter", f"{adapter} (mounted read-only, ADAPTER_PATH)")
     report.add("run", f"--network none{', --gpus all' if gpus else ', CPU only'}")
     with running(docker, image.tag, mounts, gpus) as c:
         try:

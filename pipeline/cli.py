@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from packager.paths import SUBMISSIONS
+from packager.spec import SpecError, load_spec, spec_path
 
 from .hub import SourceError
 
@@ -25,3 +26,12 @@ def check_local_inputs(args: argparse.Namespace) -> None:
     for flag, value in (("MODEL", args.model), ("DATA_DIR", args.data_dir)):
         if value is not None and not value.is_dir():
             raise SourceError(f"{flag}={value}: not a folder")
+
+
+def spec_with(args: argparse.Namespace, section: str, purpose: str):
+    """The submission's spec, its sha256, and the section the stage runs; refused when the spec lacks it."""
+    spec, sha = load_spec(spec_path(Path(args.submissions), args.name))
+    value = getattr(spec, section)
+    if value is None:
+        raise SpecError(f"{args.name}: the spec has no [{section}] section; there is nothing to {purpose}")
+    return spec, sha, value

@@ -13,11 +13,11 @@ import shutil
 
 import pytest
 
-from conftest import REPO
 from hub_fixtures import ARC_SPLITS, HUMPBACK_REPO, OASST1_KEPT, save_chat_datasets
 from pipeline.data import __main__ as data
 from pipeline.data import arc, template
 from qwen1 import save_qwen1_checkpoint
+from tiny_world import write_specs
 
 IGNORE = -100
 
@@ -27,12 +27,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     save_chat_datasets(root / "hub")
     save_qwen1_checkpoint(root / "Qwen-14B")
-    for n in (2, 3):
-        (root / "submissions" / f"submission-{n}").mkdir(parents=True)
-        text = (REPO / "submissions" / f"submission-{n}" / "spec.toml").read_text()
-        # The specs expect the real data sets' counts (3,538 oasst1 pairs, 1,000 LIMA rows); the fixtures are small.
-        text = "\n".join(line for line in text.splitlines() if not line.startswith("expect = "))
-        (root / "submissions" / f"submission-{n}" / "spec.toml").write_text(text + "\n")
+    # The specs expect the real data sets' counts (3,538 oasst1 pairs, 1,000 LIMA rows); the fixtures are small.
+    write_specs(root / "submissions", shorten=False)
     return root
 
 

@@ -42,12 +42,13 @@ def test_context_past_the_exact_qwen1_window_is_refused(tmp_path):
 def test_submission_2_is_the_reference_qlora_recipe():
     t = spec(2).training
     lora = t.lora
-    assert (lora.r, lora.alpha, lora.dropout, lora.layers) == (64, 16, 0.05, "all")
+    assert (lora.r, lora.alpha, lora.dropout, lora.layers) == (16, 16, 0.05, "all")  # the reference's code (its adapter's name says r64)
     assert lora.target_modules == ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"]
     assert (t.optimizer.name, t.optimizer.lr, t.optimizer.weight_decay) == ("lion", 1e-4, 0.1)
     sch = t.schedule
     assert (sch.scheduler, sch.warmup_ratio, sch.epochs) == ("cosine", 0.06, 5)
     assert (sch.batch_size, sch.gradient_accumulation, sch.max_length) == (1, 32, 2048)
+    assert (sch.max_grad_norm, sch.gradient_checkpointing, sch.pad_token) == (1.0, True, "<|extra_21|>")
     oasst, lima = t.data
     assert oasst.source == "oasst1" and oasst.splits == ["train", "validation"] and oasst.language == "en"
     assert (oasst.reply_rank, oasst.parent) == (0, "root")

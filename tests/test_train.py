@@ -3,8 +3,7 @@
 The base is the tiny Qwen2 model quantized by GPTQModel (the quantize stage's
 own run); the data is the data stage's output over the Hub-layout fixtures.
 The specs are the real ones with a shorter schedule (fewer epochs, smaller
-accumulation, shorter examples) and, where a test needs the loss to move in a
-few steps, a larger learning rate.
+accumulation, shorter examples) and a larger learning rate (tests/tiny_world.py).
 """
 
 from __future__ import annotations
@@ -23,35 +22,17 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from hub_fixtures import save_chat_datasets
 from packager.tiny_model import save_tiny_gptq
 from pipeline.data import __main__ as data
 from pipeline.train import __main__ as train
 from pipeline.train import plan, targets
-
-SHORTER = {
-    "epochs = 5": "epochs = 3",
-    "gradient_accumulation = 32": "gradient_accumulation = 2",
-    "max_length = 2048": "max_length = 128",
-    "every = 50": "every = 1",
-    "lr = 1e-4": "lr = 2e-3",
-}
-
+from tiny_world import write_world
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    save_chat_datasets(root / "hub")
+    root = write_world(tmp_path_factory.mktemp("train"))
     save_tiny_gptq(root / "artifact")
     for n in (2, 3):
-        folder = root / "submissions" / f"submission-{n}"
-        folder.mkdir(parents=True)
-        text = (REPO / "submissions" / f"submission-{n}" / "spec.toml").read_text()
-        text = "\n".join(line for line in text.splitlines() if not line.startswith("expect = "))  # fixtures are small
-        for old, new in SHORTER.items():
-            assert old in text
-            text = text.replace(old, new)
-        (folder / "spec.toml").write_text(text + "\n")
         assert data.main([f"submission-{n}", "--submissions", str(root / "submissions"), "--model", str(root / "artifact"),
                           "--data-dir", str(root / "hub"), "--out", str(root / f"data-{n}")]) == 0
     return root
@@ -282,3 +263,14 @@ def test_publish_train_refuses_unfinished_runs_and_missing_tokens(world, straigh
     assert uploaded["repo"] == "ycchen/final-lora-r64-ep5"
     assert uploaded["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "curves.png", "run.json"]
     assert '[adapter] revision = "' + "c" * 40 in capsys.readouterr().out
+
+
+def test_a_spec_with_an_unknown_lora_target_is_refused(tmp_path):
+    from packager.spec import SpecError, load_spec
+
+    text = (REPO / "submissions" / "submission-3" / "spec.toml").read_text()
+    path = tmp_path / "submission-3" / "spec.toml"
+    path.parent.mkdir()
+    path.write_text(text.replace('"mlp.c_proj"]', '"mlp.fc"]'))
+    with pytest.raises(SpecError, match=r"training\.lora.*'mlp\.fc' is not a linear module.*Qwen2 names"):
+        load_spec(path)

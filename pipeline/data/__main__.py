@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from packager.paths import REPO
-from packager.spec import SpecError, load_spec, spec_path
+from packager.spec import SpecError
 
-from ..cli import check_local_inputs, stage_parser
+from ..cli import check_local_inputs, spec_with, stage_parser
 from ..hub import TOKENIZER_FILES, SourceError, dataset_files, model_folder
 from ..staging import staged_folder
 from . import arc, humpback, lima, oasst1
@@ -102,10 +102,7 @@ def write(out: Path, examples: list[Example], rendered: list[dict], manifest: di
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, _ = load_spec(spec_path(Path(args.submissions), args.name))
-    training = spec.training
-    if training is None:
-        raise SpecError(f"{args.name}: the spec has no [training] section; there is no training data to build")
+    spec, _, training = spec_with(args, "training", "build training data for")
     out = args.out or DATA / spec.name
 
     # 1. the tokenizer and every source's files (local copies or downloads)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from packager.budget import models_table
 from packager.paths import REPO
-from packager.spec import SpecError, load_spec, spec_path
+from packager.spec import SpecError
 
-from ..cli import check_local_inputs, stage_parser
+from ..cli import check_local_inputs, spec_with, stage_parser
 from ..convert import ConvertError, as_qwen2
 from ..device import emulate_4090
 from ..hub import SourceError, dataset_files, model_folder
@@ -64,10 +64,7 @@ def up_to_date(out: Path, inputs: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, _ = load_spec(spec_path(Path(args.submissions), args.name))
-    q = spec.quantization
-    if q is None:
-        raise QuantizeError(f"{args.name}: the spec has no [quantization] section; nothing to quantize")
+    spec, _, q = spec_with(args, "quantization", "quantize")
     out = args.out or ARTIFACTS / spec.name
     work = args.work or WORK / spec.name
     work.mkdir(parents=True, exist_ok=True)

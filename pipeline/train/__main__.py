@@ -16,8 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from packager.paths import REPO
-from packager.spec import SpecError, load_spec, spec_path
+from packager.spec import SpecError
 
+from ..cli import spec_with
 from ..hub import SourceError, model_folder
 from ..staging import staged_folder, write_json
 from . import checkpoint, curves, plan
@@ -129,10 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from ..convert import as_qwen2
     from ..device import emulate_4090
 
-    spec, spec_sha = load_spec(spec_path(Path(args.submissions), args.name))
-    training = spec.training
-    if training is None:
-        raise SpecError(f"{args.name}: the spec has no [training] section; there is nothing to train")
+    spec, spec_sha, training = spec_with(args, "training", "train")
     out = args.out or TRAIN / spec.name
     data = args.data or DATA / spec.name
     out.mkdir(parents=True, exist_ok=True)
