@@ -24,8 +24,21 @@ def _warn(lines: list[str]) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
+def each(names: list[str], work) -> None:
+    """Run `work` on every name; report every refusal (not just the first), then fail once."""
+    failed = []
+    for name in names:
+        try:
+            work(name)
+        except (SpecError, PackagingError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(name)
+    if failed:
+        raise SpecError(f"{len(failed)} of {len(names)} submission{'s' if len(names) > 1 else ''} refused: {', '.join(failed)}")
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
-    for name in _names(args):
+    def one(name: str) -> None:
         spec, sha, warnings = validate(spec_path(Path(args.submissions), name), args.strict)
         _warn(warnings)
         print(f"ok  {name}  spec sha256 {sha[:12]}")
@@ -33,12 +46,16 @@ def cmd_validate(args: argparse.Namespace) -> None:
             lora = spec.training.lora
             print(f"    LoRA r={lora.r} alpha={lora.alpha} on {lora.resolved()}")
 
+    each(_names(args), one)
+
 
 def cmd_build(args: argparse.Namespace) -> None:
-    for name in _names(args):
+    def one(name: str) -> None:
         built = build(spec_path(Path(args.submissions), name), Path(args.dist), args.strict)
         _warn(built.warnings)
         print(f"built {built.zip_path}  (build context: {built.context_dir})")
+
+    each(_names(args), one)
 
 
 def _built(args: argparse.Namespace, name: str):

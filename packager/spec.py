@@ -11,17 +11,19 @@ never say something the server would not understand.
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from helm_server.settings import GenerationSettings, ModelSource, ServedModel, ServerSettings
 from pipeline.train.targets import describe, resolve
 
 SPEC_FILE = "spec.toml"
+CHALLENGE_PORT = 80
 
 
 class SpecError(Exception):
@@ -72,12 +74,12 @@ class Quantization(_Strict):
     calibration: Calibration = Calibration()
     perplexity: Perplexity = Perplexity()
 
-    @model_validator(mode="after")
-    def _group_size(self) -> "Quantization":
-        g = self.group_size
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, g: int) -> int:
         if g != -1 and (g <= 0 or g & (g - 1)):
             raise ValueError(f"group_size {g} must be -1 or a power of two (32, 64, 128, ...)")
-        return self
+        return g
 
 
 # --- training ---------------------------------------------------------------------
@@ -272,6 +274,15 @@ class Spec(_Strict):
     server: ServerSettings = ServerSettings()
     image: Image = Image()
 
+    @field_validator("server")
+    @classmethod
+    def _challenge_port(cls, server: ServerSettings) -> ServerSettings:
+        if server.port != CHALLENGE_PORT:
+            raise ValueError(f"port = {server.port}: the challenge's bot talks to port {CHALLENGE_PORT} inside the "
+                             f"container (a zip rule checks it); set port = {CHALLENGE_PORT} or remove the line "
+                             "(`make serve-N` maps it to 127.0.0.1:8080 on the host)")
+        return server
+
     @model_validator(mode="after")
     def _coherent(self) -> "Spec":
         if self.training is not None and self.adapter is None:
@@ -299,12 +310,69 @@ _HINTS = {
 }
 
 
-def _describe(path: Path, err: ValidationError) -> str:
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+
+
+def locate(text: str, loc: tuple) -> int | None:
+    """The 1-based line of a validation error's location in the TOML text (its key, else its table)."""
+    want = tuple(loc)
+    # a tagged union (`[[training.data]]` by `source`) puts the tag after the index: not a TOML key
+    want = tuple(p for i, p in enumerate(want) if not (i and isinstance(want[i - 1], int) and isinstance(p, str)
+                                                        and p in ROUND_FIELDS))
+    table: tuple = ()
+    arrays: dict[tuple, int] = {}
+    table_line: dict[tuple, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _HEADER.match(line)
+        if m:
+            names = tuple(part.strip().strip('"') for part in m.group(2).split("."))
+            if m.group(1) == "[[":
+                arrays[names] = arrays.get(names, -1) + 1
+                table = (*names, arrays[names])
+            else:
+                table = names
+            table_line.setdefault(table, n)
+            continue
+        k = _KEY.match(line)
+        if k and (*table, k.group(1)) == want:
+            return n
+    for cut in range(len(want), 0, -1):
+        if want[:cut] in table_line:
+            return table_line[want[:cut]]
+    return None
+
+
+def _unquoted(text: str) -> bool:
+    """Would this string be a valid TOML number or boolean without its quotes?"""
+    if text in ("true", "false"):
+        return True
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _got(e: dict) -> str:
+    value = e.get("input")
+    if isinstance(value, str) and _unquoted(value) and e["type"] in (
+            "literal_error", "int_type", "int_parsing", "float_type", "float_parsing", "bool_type", "bool_parsing"):
+        return f"; got the string {value!r}: write it without quotes"
+    if isinstance(value, (int, float, bool, str)) and e["type"] not in ("missing", "extra_forbidden", "value_error"):
+        return f"; got {value!r}"
+    return ""
+
+
+def _describe(path: Path, err: ValidationError, text: str = "") -> str:
     lines = [f"{path}: invalid spec ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        at = locate(text, e["loc"]) if text else None
+        where = f"line {at}: " if at else ""
+        msg = e["msg"].removeprefix("Value error, ")
         hint = _HINTS.get(e["type"])
-        lines.append(f"  - {loc}: {e['msg']}" + (f" ({hint})" if hint else ""))
+        lines.append(f"  - {where}{loc}: {msg}{_got(e)}" + (f" ({hint})" if hint else ""))
     return "\n".join(lines)
 
 
@@ -316,7 +384,7 @@ def parse_spec(path: Path, text: str) -> Spec:
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(_describe(path, e)) from None
+        raise SpecError(_describe(path, e, text)) from None
     folder = path.parent.name
     if path.name == SPEC_FILE and folder != spec.name:
         raise SpecError(f"{path}: name = {spec.name!r} but the folder is {folder!r}; make them the same")

@@ -188,3 +188,50 @@ def test_a_source_declared_twice_is_refused(tmp_path):
     text += '\n[[training.data]]\nsource = "lima"\nlimit = 10\n'
     with pytest.raises(SpecError, match="declares lima more than once"):
         load_spec(_write(tmp_path, text))
+
+
+def _broken(tmp_path: Path, n: int, *edits: tuple[str, str]) -> Path:
+    text = (SPECS / f"submission-{n}" / "spec.toml").read_text()
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new, 1)
+    path = tmp_path / f"submission-{n}" / "spec.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_every_broken_spec_is_reported_before_exit_2(tmp_path, capsys):
+    _broken(tmp_path, 1, ("bits = 8", "bits = 3.5"))
+    _broken(tmp_path, 2, ("dropout = 0.05", "dropout = 2"))
+    _broken(tmp_path, 3)  # fine
+    for command in ("validate", "build"):
+        assert main(["--submissions", str(tmp_path), command, "--dist", str(tmp_path / "dist")]) == 2
+        err = capsys.readouterr().err
+        assert "submission-1/spec.toml" in err and "submission-2/spec.toml" in err
+        assert "2 of 3 submissions refused: submission-1, submission-2" in err
+
+
+def test_schema_errors_name_the_line_the_field_and_what_was_given(tmp_path):
+    path = _broken(tmp_path, 1, ('bits = 8', 'bits = "8"'), ("group_size = 128", "group_size = 100"))
+    lines = path.read_text().splitlines()
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    msg = str(e.value)
+    bits_line = next(i for i, line in enumerate(lines, 1) if line.startswith("bits ="))
+    assert f"line {bits_line}: quantization.bits:" in msg and "got the string '8': write it without quotes" in msg
+    assert f"line {bits_line + 1}: quantization.group_size: group_size 100 must be -1 or a power of two" in msg
+    assert "Value error" not in msg
+
+
+def test_a_port_other_than_80_is_refused_in_the_spec_with_the_reason(tmp_path):
+    path = _broken(tmp_path, 1, ("port = 80", "port = 8080"))
+    with pytest.raises(SpecError, match=r"server: port = 8080: the challenge's bot talks to port 80"):
+        load_spec(path)
+
+
+def test_array_table_errors_point_at_their_own_table(tmp_path):
+    path = _broken(tmp_path, 3, ("questions_per_example = 6", "questions_per_example = 0"))
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("questions_per_example"))
+    with pytest.raises(SpecError, match=rf"line {line}: training\.data\.2\.arc\.questions_per_example"):
+        load_spec(path)
