@@ -32,6 +32,12 @@ BUDGET   ?=
 STEPS    ?=
 SUBMISSIONS ?=
 SUBS_FLAG      := $(if $(SUBMISSIONS),--submissions $(SUBMISSIONS))
+# Per-submission targets take any spec name: `make validate-mine` for submissions/mine/spec.toml,
+# and `make validate-1` as short for submissions/submission-1/.
+SUBS_DIR := $(or $(SUBMISSIONS),submissions)
+DIST ?=
+DIST_FLAG := $(if $(DIST),--dist $(DIST))
+name = $(if $(wildcard $(SUBS_DIR)/$(1)/spec.toml),$(1),submission-$(1))
 DATA_FLAGS     := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
 QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
                   $(if $(call yes,$(DRY_RUN)),--dry-run) $(if $(filter ignore,$(BUDGET)),--budget ignore)
@@ -53,49 +59,52 @@ $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requiremen
 
 venv: $(STAMP) ## create .venv/ with the pinned dev and test dependencies
 
+zip-%: $(STAMP) ## build dist/NAME.zip for any spec: make zip-mine (submissions/mine/), make zip-1
+	$(PY) -m packager $(SUBS_FLAG) build $(STRICT_FLAG) $(DIST_FLAG) $(call name,$*)
+
 submission-%: $(STAMP) ## build dist/submission-N.zip and its build context dist/submission-N/
-	$(PY) -m packager build $(STRICT_FLAG) submission-$*
+	$(PY) -m packager $(SUBS_FLAG) build $(STRICT_FLAG) $(DIST_FLAG) $(call name,$*)
 
 submissions: $(STAMP) ## build every submission's zip into dist/
-	$(PY) -m packager build $(STRICT_FLAG)
+	$(PY) -m packager $(SUBS_FLAG) build $(STRICT_FLAG) $(DIST_FLAG)
 
 specs: $(STAMP) ## validate every spec under submissions/
-	$(PY) -m packager validate $(STRICT_FLAG)
+	$(PY) -m packager $(SUBS_FLAG) validate $(STRICT_FLAG)
 
 test: $(STAMP) ## run the whole test suite (CPU, no network)
 	$(PY) -m pytest
 
 image-%: $(STAMP) $(OFFLINE_DEPS) ## docker build of dist/submission-N.zip's own Dockerfile
-	$(PY) -m packager image $(STRICT_FLAG) $(OFFLINE_FLAG) submission-$*
+	$(PY) -m packager $(SUBS_FLAG) image $(STRICT_FLAG) $(OFFLINE_FLAG) $(call name,$*)
 
 validate-%: $(STAMP) $(OFFLINE_DEPS) ## build, run with --network none, drive with HELM's client, report
-	$(PY) -m packager.validate submission-$* $(OFFLINE_FLAG) $(MODEL_FLAGS)
+	$(PY) -m packager.validate $(call name,$*) $(SUBS_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS)
 
 serve-%: $(STAMP) $(OFFLINE_DEPS) ## run submission-N's container in the foreground on 127.0.0.1:8080
-	$(PY) -m packager serve $(OFFLINE_FLAG) $(if $(MODEL),--model $(MODEL)) submission-$*
+	$(PY) -m packager $(SUBS_FLAG) serve $(OFFLINE_FLAG) $(if $(MODEL),--model $(MODEL)) $(call name,$*)
 
 convert: $(STAMP) ## Qwen (v1) model or LoRA adapter folder -> Qwen2 layout: SRC=dir OUT=dir
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make convert SRC=<Qwen v1 model or adapter folder> OUT=<new folder>" >&2; exit 2; }
 	$(PY) -m pipeline.convert $(SRC) $(OUT)
 
 quantize-%: $(STAMP) ## GPTQ of submission-N's base model -> build/artifacts/submission-N/ (+ report.json)
-	$(PY) -m pipeline.quantize submission-$* $(QUANTIZE_FLAGS)
+	$(PY) -m pipeline.quantize $(call name,$*) $(SUBS_FLAG) $(QUANTIZE_FLAGS)
 
 data-%: $(STAMP) ## submission-N's [[training.data]] -> build/data/submission-N/ (tokenized set, rendered.jsonl, manifest)
-	$(PY) -m pipeline.data submission-$* $(SUBS_FLAG) $(DATA_FLAGS)
+	$(PY) -m pipeline.data $(call name,$*) $(SUBS_FLAG) $(DATA_FLAGS)
 
 train-%: $(STAMP) ## data-N if needed, then QLoRA -> build/train/submission-N/adapter/; run again to resume
-	$(PY) -m pipeline.data submission-$* $(SUBS_FLAG) $(TRAIN_DATA_FLAGS)
-	$(PY) -m pipeline.train submission-$* $(SUBS_FLAG) $(TRAIN_FLAGS)
+	$(PY) -m pipeline.data $(call name,$*) $(SUBS_FLAG) $(TRAIN_DATA_FLAGS)
+	$(PY) -m pipeline.train $(call name,$*) $(SUBS_FLAG) $(TRAIN_FLAGS)
 
 train-bundle-%: $(STAMP) ## the training reproduction bundle -> dist/submission-N-train.zip (Dockerfile, code, spec)
-	$(PY) -m packager.train_bundle submission-$*
+	$(PY) -m packager.train_bundle $(call name,$*) $(SUBS_FLAG) $(DIST_FLAG)
 
 publish-train-%: $(STAMP) ## upload build/train/submission-N/adapter/ to the spec's [adapter] repo (HF_TOKEN); prints the commit
-	$(PY) -m pipeline.publish submission-$* --train $(if $(OUT),--run $(OUT))
+	$(PY) -m pipeline.publish $(call name,$*) $(SUBS_FLAG) --train $(if $(OUT),--run $(OUT))
 
 publish-%: $(STAMP) ## upload build/artifacts/submission-N/ to the spec's [artifact] repo (HF_TOKEN); prints the commit to pin
-	$(PY) -m pipeline.publish submission-$* $(if $(OUT),--artifact $(OUT))
+	$(PY) -m pipeline.publish $(call name,$*) $(SUBS_FLAG) $(if $(OUT),--artifact $(OUT))
 
 base-image: $(STAMP) ## build the offline CPU base image: debootstrap bookworm + torch (root, Docker)
 	$(PY) -m packager.offline base-image

@@ -68,10 +68,11 @@ def _conformance(c, timeout: float) -> list[CheckResult]:
     return results
 
 
-def validate(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float) -> Report:
+def validate(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float,
+             submissions: Path = SUBMISSIONS) -> Report:
     report = Report(name)
     docker = find_docker()
-    built = build(spec_path(SUBMISSIONS, name), DIST)
+    built = build(spec_path(submissions, name), DIST)
     spec = built.spec
     if model is None and offline:
         model = _tiny_model()
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="local model directory to mount (offline default: a tiny stand-in)")
     p.add_argument("--adapter", type=Path, help="local adapter directory to mount")
     p.add_argument("--timeout", type=float, default=1200, help="seconds to wait for /health (default 1200)")
+    p.add_argument("--submissions", type=Path, default=SUBMISSIONS, help="folder of <name>/spec.toml")
     args = p.parse_args(argv)
     for given in (args.model, args.adapter):
         if given is not None and not given.is_dir():
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        report = validate(args.name, args.offline, args.model, args.adapter, args.timeout)
+        report = validate(args.name, args.offline, args.model, args.adapter, args.timeout, args.submissions)
     except (SpecError, PackagingError, DockerError, budget_mod.BudgetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
