@@ -36,6 +36,8 @@ SUBS_FLAG      := $(if $(SUBMISSIONS),--submissions $(SUBMISSIONS))
 # and `make validate-1` as short for submissions/submission-1/.
 SUBS_DIR := $(or $(SUBMISSIONS),submissions)
 DIST ?=
+# A switch a target cannot honour is refused, never silently dropped.
+refuse = $(if $(strip $(foreach v,$(1),$($(v)))),$(error $(foreach v,$(1),$(if $($(v)),$(v)=$($(v)))) has no meaning for $@: $(2)))
 DIST_FLAG := $(if $(DIST),--dist $(DIST))
 name = $(if $(wildcard $(SUBS_DIR)/$(1)/spec.toml),$(1),submission-$(1))
 DATA_FLAGS     := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
@@ -60,9 +62,11 @@ $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requiremen
 venv: $(STAMP) ## create .venv/ with the pinned dev and test dependencies
 
 zip-%: $(STAMP) ## build dist/NAME.zip for any spec: make zip-mine (submissions/mine/), make zip-1
+	$(call refuse,OFFLINE MODEL ADAPTER,a zip never holds weights; use validate-N or serve-N)
 	$(PY) -m packager $(SUBS_FLAG) build $(STRICT_FLAG) $(DIST_FLAG) $(call name,$*)
 
 submission-%: $(STAMP) ## build dist/submission-N.zip and its build context dist/submission-N/
+	$(call refuse,OFFLINE MODEL ADAPTER,a zip never holds weights; use validate-N or serve-N)
 	$(PY) -m packager $(SUBS_FLAG) build $(STRICT_FLAG) $(DIST_FLAG) $(call name,$*)
 
 submissions: $(STAMP) ## build every submission's zip into dist/
@@ -75,13 +79,14 @@ test: $(STAMP) ## run the whole test suite (CPU, no network)
 	$(PY) -m pytest
 
 image-%: $(STAMP) $(OFFLINE_DEPS) ## docker build of dist/submission-N.zip's own Dockerfile
+	$(call refuse,MODEL ADAPTER,local weights are mounted at run time; use validate-N or serve-N)
 	$(PY) -m packager $(SUBS_FLAG) image $(STRICT_FLAG) $(OFFLINE_FLAG) $(call name,$*)
 
 validate-%: $(STAMP) $(OFFLINE_DEPS) ## build, run with --network none, drive with HELM's client, report
-	$(PY) -m packager.validate $(call name,$*) $(SUBS_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS)
+	$(PY) -m packager.validate $(call name,$*) $(SUBS_FLAG) $(STRICT_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS)
 
 serve-%: $(STAMP) $(OFFLINE_DEPS) ## run submission-N's container in the foreground on 127.0.0.1:8080
-	$(PY) -m packager $(SUBS_FLAG) serve $(OFFLINE_FLAG) $(if $(MODEL),--model $(MODEL)) $(call name,$*)
+	$(PY) -m packager $(SUBS_FLAG) serve $(STRICT_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS) $(call name,$*)
 
 convert: $(STAMP) ## Qwen (v1) model or LoRA adapter folder -> Qwen2 layout: SRC=dir OUT=dir
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make convert SRC=<Qwen v1 model or adapter folder> OUT=<new folder>" >&2; exit 2; }

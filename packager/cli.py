@@ -76,23 +76,26 @@ def cmd_image(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Run the image in the foreground on a host port, as the organizers run it."""
-    from .container import MODELS_DIR, gpu_available
+    from .container import Mounts, gpu_available, mount_args
     from .image import build_image, prepare
 
     if len(args.names) != 1:
         raise SpecError("serve takes exactly one submission name")
     if args.offline and args.model is None:
         raise SpecError("--offline serving needs --model DIR: the offline image holds no weights")
-    if args.model is not None and not Path(args.model).is_dir():
-        raise SpecError(f"--model {args.model} is not a directory")
+    for flag, value in (("--model", args.model), ("--adapter", args.adapter)):
+        if value is not None and not Path(value).is_dir():
+            raise SpecError(f"{flag} {value} is not a directory")
+    if args.adapter is not None and args.model is None:
+        raise SpecError("--adapter needs --model: a local adapter mounts beside a local model (MODEL=dir ADAPTER=dir)")
     docker = find_docker()
     context, opts = prepare(docker, _built(args, args.names[0]), args.offline, fetch_models=not args.offline)
     image = build_image(docker, context, opts)
     run = ["run", "--rm", "-it" if sys.stdin.isatty() else "-i", "-p", f"127.0.0.1:{args.port}:80"]
     if gpu_available():
         run += ["--gpus", "all"]
-    if args.model is not None:
-        run += ["-v", f"{Path(args.model).resolve()}:{MODELS_DIR}/artifact:ro", "-e", "ADAPTER_PATH=none"]
+    run += mount_args(Mounts(model=Path(args.model) if args.model else None,
+                             adapter=Path(args.adapter) if args.adapter else None))
     print(f"serving {image.tag} on http://127.0.0.1:{args.port} (Ctrl-C stops and removes it)", flush=True)
     docker.run(*run, image.tag, check=False, capture=False)
 
@@ -121,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--offline", action="store_true", help="local base image and wheelhouse; no weights")
         if name == "serve":
             c.add_argument("--model", help="local model directory to mount read-only")
+            c.add_argument("--adapter", help="local adapter directory to mount read-only (with --model)")
             c.add_argument("--port", type=int, default=8080, help="host port on 127.0.0.1 (default %(default)s)")
         c.set_defaults(func=func)
     return p

@@ -48,13 +48,17 @@ def run_args(image: str, name: str, mounts: Mounts, gpus: bool) -> list[str]:
     args = ["run", "-d", "--name", name, "--network", "none", "--health-interval", "2s", "--health-start-period", "1200s"]
     if gpus:
         args += ["--gpus", "all"]
-    if mounts.model is not None:
-        args += ["-v", f"{mounts.model.resolve()}:{MODELS_DIR}/artifact:ro"]
-        if mounts.adapter is not None:
-            args += ["-v", f"{mounts.adapter.resolve()}:{MODELS_DIR}/adapter:ro"]
-        else:
-            args += ["-e", "ADAPTER_PATH=none"]
-    return [*args, image]
+    return [*args, *mount_args(mounts), image]
+
+
+def mount_args(mounts: Mounts) -> list[str]:
+    """Read-only weight mounts; a mounted model without an adapter serves no adapter (the image's would not match)."""
+    if mounts.model is None:
+        return []
+    args = ["-v", f"{mounts.model.resolve()}:{MODELS_DIR}/artifact:ro"]
+    if mounts.adapter is not None:
+        return [*args, "-v", f"{mounts.adapter.resolve()}:{MODELS_DIR}/adapter:ro"]
+    return [*args, "-e", "ADAPTER_PATH=none"]
 
 
 @contextmanager

@@ -69,10 +69,10 @@ def _conformance(c, timeout: float) -> list[CheckResult]:
 
 
 def validate(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float,
-             submissions: Path = SUBMISSIONS) -> Report:
+             submissions: Path = SUBMISSIONS, strict: bool = False) -> Report:
     report = Report(name)
+    built = build(spec_path(submissions, name), DIST, strict)  # spec refusals come before any Docker work
     docker = find_docker()
-    built = build(spec_path(submissions, name), DIST)
     spec = built.spec
     if model is None and offline:
         model = _tiny_model()
@@ -94,6 +94,9 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
     report.add("model", f"{model} (mounted read-only)" if model else "baked into the image at build time")
     if adapter is not None:
         report.add("adapter", f"{adapter} (mounted read-only, ADAPTER_PATH)")
+    elif spec.adapter is not None and model is not None:
+        report.add("adapter", f"NONE: the spec's adapter {spec.adapter.repo_id} is not served (a mounted model serves "
+                              "without it); pass ADAPTER=dir to validate it")
     report.add("run", f"--network none{', --gpus all' if gpus else ', CPU only'}")
     with running(docker, image.tag, mounts, gpus) as c:
         try:
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", type=Path, help="local adapter directory to mount")
     p.add_argument("--timeout", type=float, default=1200, help="seconds to wait for /health (default 1200)")
     p.add_argument("--submissions", type=Path, default=SUBMISSIONS, help="folder of <name>/spec.toml")
+    p.add_argument("--strict", action="store_true", help="refuse revisions that are not commit hashes")
     args = p.parse_args(argv)
     for given in (args.model, args.adapter):
         if given is not None and not given.is_dir():
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        report = validate(args.name, args.offline, args.model, args.adapter, args.timeout, args.submissions)
+        report = validate(args.name, args.offline, args.model, args.adapter, args.timeout, args.submissions, args.strict)
     except (SpecError, PackagingError, DockerError, budget_mod.BudgetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

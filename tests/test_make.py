@@ -37,3 +37,24 @@ def test_per_submission_targets_take_any_spec_name(tmp_path):
 
 def test_make_help_says_how_to_name_a_submission():
     assert "zip-N" in make("help").stdout and "make zip-mine" in make("help").stdout
+
+
+def test_switches_reach_every_target_that_can_honour_them():
+    serve = make("-n", "serve-2", "STRICT=1", "MODEL=/m", "ADAPTER=/a").stdout.split()
+    assert {"--strict", "--model", "/m", "--adapter", "/a", "submission-2"} <= set(serve)
+    validate = make("-n", "validate-2", "STRICT=1", "OFFLINE=1", "MODEL=/m", "ADAPTER=/a").stdout.splitlines()[-1].split()
+    assert {"--strict", "--offline", "--model", "/m", "--adapter", "/a"} <= set(validate)
+
+
+def test_switches_a_target_cannot_honour_are_refused():
+    for args, said in ((["zip-1", "MODEL=/m"], "MODEL=/m"), (["submission-1", "OFFLINE=1"], "OFFLINE=1"),
+                       (["image-1", "ADAPTER=/a"], "ADAPTER=/a")):
+        done = make("-n", *args)
+        assert done.returncode != 0 and f"{said}" in done.stderr and "has no meaning for" in done.stderr, done.stderr
+
+
+def test_validate_refuses_an_unpinned_spec_under_strict_before_any_docker_work(capsys):
+    from packager import validate
+
+    assert validate.main(["submission-1", "--strict"]) == 2
+    assert "pin each revision" in capsys.readouterr().err
