@@ -20,7 +20,7 @@ OFFLINE_DEPS := $(if $(call yes,$(OFFLINE)),base-image wheelhouse)
 MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
+.PHONY: local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
 # Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data, train), DRY_RUN=1,
 # BUDGET=ignore (quantize, train), STEPS=n (train), SUBMISSIONS=dir (data, train: specs from another folder).
@@ -47,6 +47,12 @@ QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(
 TRAIN_DATA_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)/data)
 TRAIN_FLAGS      := $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT) --data $(OUT)/data) \
                     $(if $(STEPS),--steps $(STEPS)) $(if $(filter ignore,$(BUDGET)),--budget ignore)
+
+# MODEL, ADAPTER and DATA_DIR must be folders: checked before any slow prerequisite (base image, wheelhouse).
+local-inputs:
+	@for v in "MODEL=$(MODEL)" "ADAPTER=$(ADAPTER)" "DATA_DIR=$(DATA_DIR)"; do \
+	    d="$${v#*=}"; if [ -n "$$d" ] && [ ! -d "$$d" ]; then echo "error: $$v: not a folder" >&2; exit 2; fi; \
+	done
 
 help: ## list the targets
 	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n]"
@@ -78,14 +84,14 @@ specs: $(STAMP) ## validate every spec under submissions/
 test: $(STAMP) ## run the whole test suite (CPU, no network)
 	$(PY) -m pytest
 
-image-%: $(STAMP) $(OFFLINE_DEPS) ## docker build of dist/submission-N.zip's own Dockerfile
+image-%: $(STAMP) local-inputs $(OFFLINE_DEPS) ## docker build of dist/submission-N.zip's own Dockerfile
 	$(call refuse,MODEL ADAPTER,local weights are mounted at run time; use validate-N or serve-N)
 	$(PY) -m packager $(SUBS_FLAG) image $(STRICT_FLAG) $(OFFLINE_FLAG) $(call name,$*)
 
-validate-%: $(STAMP) $(OFFLINE_DEPS) ## build, run with --network none, drive with HELM's client, report
+validate-%: $(STAMP) local-inputs $(OFFLINE_DEPS) ## build, run with --network none, drive with HELM's client, report
 	$(PY) -m packager.validate $(call name,$*) $(SUBS_FLAG) $(STRICT_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS)
 
-serve-%: $(STAMP) $(OFFLINE_DEPS) ## run submission-N's container in the foreground on 127.0.0.1:8080
+serve-%: $(STAMP) local-inputs $(OFFLINE_DEPS) ## run submission-N's container in the foreground on 127.0.0.1:8080
 	$(PY) -m packager $(SUBS_FLAG) serve $(STRICT_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS) $(call name,$*)
 
 convert: $(STAMP) ## Qwen (v1) model or LoRA adapter folder -> Qwen2 layout: SRC=dir OUT=dir

@@ -74,28 +74,38 @@ def cmd_image(args: argparse.Namespace) -> None:
         print(f"built image {image.tag} ({image.size_bytes / 1e9:.2f} GB) in {image.seconds:.1f} s from {context}/Dockerfile")
 
 
+def serve_mounts(offline: bool, model: str | None, adapter: str | None):
+    """What `serve` mounts: as `validate`, an offline image without MODEL serves the tiny stand-in."""
+    from .container import Mounts
+    from .tiny_model import stand_in
+
+    if offline and model is None:
+        print("OFFLINE=1 without MODEL: serving the tiny stand-in model (build/tiny-model/)", file=sys.stderr)
+        return Mounts(model=stand_in(), adapter=Path(adapter) if adapter else None)
+    return Mounts(model=Path(model) if model else None, adapter=Path(adapter) if adapter else None)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Run the image in the foreground on a host port, as the organizers run it."""
-    from .container import Mounts, gpu_available, mount_args
+    from .container import gpu_available, mount_args
     from .image import build_image, prepare
 
     if len(args.names) != 1:
         raise SpecError("serve takes exactly one submission name")
-    if args.offline and args.model is None:
-        raise SpecError("--offline serving needs --model DIR: the offline image holds no weights")
     for flag, value in (("--model", args.model), ("--adapter", args.adapter)):
         if value is not None and not Path(value).is_dir():
             raise SpecError(f"{flag} {value} is not a directory")
     if args.adapter is not None and args.model is None:
         raise SpecError("--adapter needs --model: a local adapter mounts beside a local model (MODEL=dir ADAPTER=dir)")
+    built = _built(args, args.names[0])  # spec refusals before any Docker work
+    mounts = serve_mounts(args.offline, args.model, args.adapter)
     docker = find_docker()
-    context, opts = prepare(docker, _built(args, args.names[0]), args.offline, fetch_models=not args.offline)
+    context, opts = prepare(docker, built, args.offline, fetch_models=not args.offline)
     image = build_image(docker, context, opts)
     run = ["run", "--rm", "-it" if sys.stdin.isatty() else "-i", "-p", f"127.0.0.1:{args.port}:80"]
     if gpu_available():
         run += ["--gpus", "all"]
-    run += mount_args(Mounts(model=Path(args.model) if args.model else None,
-                             adapter=Path(args.adapter) if args.adapter else None))
+    run += mount_args(mounts)
     print(f"serving {image.tag} on http://127.0.0.1:{args.port} (Ctrl-C stops and removes it)", flush=True)
     docker.run(*run, image.tag, check=False, capture=False)
 

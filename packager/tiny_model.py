@@ -88,6 +88,16 @@ def save_tiny_model(directory: Path) -> Path:
     return directory
 
 
+def stand_in() -> Path:
+    """build/tiny-model/, written on first use: what offline validation and serving run without MODEL."""
+    from .paths import REPO
+
+    folder = REPO / "build" / "tiny-model"
+    if not (folder / "config.json").is_file():
+        save_tiny_model(folder)
+    return folder
+
+
 def save_tiny_gptq(directory: Path, seed: int = 0) -> Path:
     """The tiny model quantized to 8-bit GPTQ (group 32) by the quantize stage's own GPTQModel run.
 

@@ -58,3 +58,22 @@ def test_validate_refuses_an_unpinned_spec_under_strict_before_any_docker_work(c
 
     assert validate.main(["submission-1", "--strict"]) == 2
     assert "pin each revision" in capsys.readouterr().err
+
+
+def test_local_folders_are_checked_before_the_offline_base_image_is_built(tmp_path):
+    for target in ("serve-1", "validate-1", "image-1"):
+        args = [target, "OFFLINE=1", f"ADAPTER={tmp_path / 'none'}"] if target == "image-1" else \
+               [target, "OFFLINE=1", f"MODEL={tmp_path / 'none'}"]
+        done = make(*args)
+        said = done.stdout + done.stderr
+        assert done.returncode != 0 and "not a folder" in said or "has no meaning" in said, said
+        assert "debootstrap" not in said and "packager.offline" not in said
+
+
+def test_serving_offline_without_a_model_serves_the_stand_in_as_validation_does(capsys):
+    from packager.cli import serve_mounts
+
+    mounts = serve_mounts(True, None, None)
+    assert mounts.model is not None and (mounts.model / "config.json").is_file() and mounts.adapter is None
+    assert "tiny stand-in" in capsys.readouterr().err
+    assert serve_mounts(False, None, None).model is None  # online: the image's own weights
