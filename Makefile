@@ -36,6 +36,7 @@ SUBS_FLAG      := $(if $(SUBMISSIONS),--submissions $(SUBMISSIONS))
 # and `make validate-1` as short for submissions/submission-1/.
 SUBS_DIR := $(or $(SUBMISSIONS),submissions)
 DIST ?=
+PORT ?=
 # A switch a target cannot honour is refused, never silently dropped.
 refuse = $(if $(strip $(foreach v,$(1),$($(v)))),$(error $(foreach v,$(1),$(if $($(v)),$(v)=$($(v)))) has no meaning for $@: $(2)))
 DIST_FLAG := $(if $(DIST),--dist $(DIST))
@@ -92,7 +93,7 @@ validate-%: $(STAMP) local-inputs $(OFFLINE_DEPS) ## build, run with --network n
 	$(PY) -m packager.validate $(call name,$*) $(SUBS_FLAG) $(STRICT_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS)
 
 serve-%: $(STAMP) local-inputs $(OFFLINE_DEPS) ## run submission-N's container in the foreground on 127.0.0.1:8080
-	$(PY) -m packager $(SUBS_FLAG) serve $(STRICT_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS) $(call name,$*)
+	$(PY) -m packager $(SUBS_FLAG) serve $(STRICT_FLAG) $(OFFLINE_FLAG) $(MODEL_FLAGS) $(DIST_FLAG) $(if $(PORT),--port $(PORT)) $(call name,$*)
 
 convert: $(STAMP) ## Qwen (v1) model or LoRA adapter folder -> Qwen2 layout: SRC=dir OUT=dir
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make convert SRC=<Qwen v1 model or adapter folder> OUT=<new folder>" >&2; exit 2; }

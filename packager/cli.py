@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -102,12 +104,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
     docker = find_docker()
     context, opts = prepare(docker, built, args.offline, fetch_models=not args.offline)
     image = build_image(docker, context, opts)
-    run = ["run", "--rm", "-it" if sys.stdin.isatty() else "-i", "-p", f"127.0.0.1:{args.port}:80"]
+    name = f"llm-challenge-serve-{built.spec.name}-{os.getpid()}"
+    run = ["run", "-d", "--name", name, "-p", f"127.0.0.1:{args.port}:80"]
     if gpu_available():
         run += ["--gpus", "all"]
-    run += mount_args(mounts)
-    print(f"serving {image.tag} on http://127.0.0.1:{args.port} (Ctrl-C stops and removes it)", flush=True)
-    docker.run(*run, image.tag, check=False, capture=False)
+    docker.run(*run, *mount_args(mounts), image.tag)
+    print(f"serving {image.tag} on http://127.0.0.1:{args.port} as {name} (Ctrl-C stops and removes it)", flush=True)
+    follow_until_stopped(docker, name)
+
+
+def follow_until_stopped(docker, name: str) -> None:
+    """Stream the container's log until it exits or this process is stopped (INT, TERM, HUP); remove it either way."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    why = "exited"
+    try:
+        docker.run("logs", "-f", name, check=False, capture=False)
+    except KeyboardInterrupt:
+        why = "stopped"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the removal
+        docker.run("rm", "-f", name, check=False)
+        print(f"{why}: container {name} removed", file=sys.stderr, flush=True)
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -147,4 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, PackagingError, DockerError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

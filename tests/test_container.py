@@ -161,3 +161,32 @@ def test_offline_container_serves_a_tiny_gptq_artifact(tmp_path):
     assert json.loads((model / "config.json").read_text())["quantization_config"]["bits"] == 8
     report = validate("submission-1", offline=True, model=model, adapter=None, timeout=300)
     assert report.passed, [c for c in report.checks if not c.passed]
+
+
+def test_stopping_make_serve_removes_the_container_and_says_so_in_one_line(tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    docker, _ = _docker_or_skip()
+    port = free_port()
+    proc = subprocess.Popen(["make", "--no-print-directory", "serve-1", "OFFLINE=1", f"PORT={port}", f"DIST={tmp_path}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, healthy = time.time() + 600, False
+    while time.time() < deadline and proc.poll() is None and not healthy:
+        try:
+            healthy = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            time.sleep(1)
+    assert healthy, proc.stderr.read() if proc.poll() is not None else "never healthy"
+    ours = ["ps", "-a", "-q", "--filter", "name=llm-challenge-serve-submission-1-"]
+    assert docker.out(*ours)  # it is running
+    proc.send_signal(signal.SIGTERM)  # as `kill -TERM <make>` does
+    out, err = proc.communicate(timeout=120)
+    assert docker.out(*ours) == ""  # removed, not orphaned
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "removed" in line] == [line for line in err.splitlines()
+                                                                         if line.startswith("stopped: container")]
+    assert any(line.startswith("stopped: container llm-challenge-serve-submission-1-") for line in err.splitlines())
