@@ -20,7 +20,7 @@ OFFLINE_DEPS := $(if $(call yes,$(OFFLINE)),base-image wheelhouse)
 MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 .DEFAULT_GOAL := help
-.PHONY: local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
+.PHONY: prune local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
 # Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data, train), DRY_RUN=1,
 # BUDGET=ignore (quantize, train), STEPS=n (train), SUBMISSIONS=dir (data, train: specs from another folder).
@@ -132,6 +132,9 @@ tiny-gptq: $(STAMP) ## write the tiny stand-in quantized to 8-bit GPTQ to build/
 
 lock: $(STAMP) ## re-resolve docker/inference/requirements.in into requirements.lock (needs PyPI)
 	$(PY) -m packager.lock
+
+prune: $(STAMP) ## remove the toolkit's stale images (older specs' builds, dangling layers); never any other image
+	$(PY) -m packager prune
 
 clean: ## remove dist/ and build/ (keeps .venv/ and Docker images)
 	rm -rf dist build

@@ -133,6 +133,13 @@ def follow_until_stopped(docker, name: str) -> None:
         print(f"{why}: container {name} removed", file=sys.stderr, flush=True)
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .image import prune
+
+    gone = prune(find_docker())
+    print("\n".join(f"removed {ref}" for ref in gone) or "no stale images", flush=True)
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     for name in _names(args):
         print(name)
@@ -148,6 +155,7 @@ def parser() -> argparse.ArgumentParser:
         ("image", cmd_image, "build the Docker image of each zip, from the zip's own Dockerfile"),
         ("serve", cmd_serve, "build and run one submission's container in the foreground"),
         ("list", cmd_list, "list the submissions"),
+        ("prune", cmd_prune, "remove the toolkit's stale images: all but the newest per submission and variant"),
     ]:
         c = sub.add_parser(name, help=text)
         c.add_argument("names", nargs="*", help="submission names (default: all)")

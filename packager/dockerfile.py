@@ -45,36 +45,45 @@ ENV PYTHONDONTWRITEBYTECODE=1 \\
     HF_HUB_OFFLINE=1
 WORKDIR {WORKDIR}
 
-# Locked requirements, without their dependencies' resolution: the lock is the whole
-# closure. torch ({base.torch}) comes with the base image and is never reinstalled.
-# A ./wheelhouse/ in the build context (its sdist-only packages prebuilt) makes this step
-# offline. Online, gcc and the PCRE2 headers build GPTQModel's pypcre; gcc stays, as nvcc's
-# host compiler for the Marlin kernel GPTQModel compiles at first use.
-RUN --mount=type=bind,target=/context \\
-    if [ -d /context/wheelhouse ]; then \\
-        python -m pip install --no-deps --no-index --find-links /context/wheelhouse -r /context/requirements.txt; \\
+# Layers in the order their inputs change, so that editing the spec's generation settings (or
+# a comment) rebuilds seconds of work, not the requirements or the weights.
+#
+# 1. Locked requirements, keyed by the lock and ./wheelhouse/ alone. The lock is the whole
+# closure (installed without resolution); torch ({base.torch}) comes with the base image.
+# Wheels in ./wheelhouse/ (offline builds put the lock's wheels there) make this step offline.
+# Online, gcc and the PCRE2 headers build GPTQModel's pypcre; gcc stays, as nvcc's host
+# compiler for the Marlin kernel GPTQModel compiles at first use.
+RUN --mount=type=bind,source=requirements.txt,target=/tmp/build/requirements.txt \\
+    --mount=type=bind,source=wheelhouse,target=/tmp/build/wheelhouse \\
+    if ls /tmp/build/wheelhouse/*.whl >/dev/null 2>&1; then \\
+        python -m pip install --no-deps --no-index --find-links /tmp/build/wheelhouse -r /tmp/build/requirements.txt; \\
     else \\
         apt-get update && apt-get install -y --no-install-recommends build-essential libpcre2-dev \\
         && rm -rf /var/lib/apt/lists/* \\
-        && python -m pip install --no-deps -r /context/requirements.txt; \\
+        && python -m pip install --no-deps -r /tmp/build/requirements.txt; \\
     fi \\
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-COPY serve_config.json main.py MANIFEST.json ./
-COPY helm_server/ ./helm_server/
+# 2. Weights at the spec's revisions, keyed by the model references (models.json) and the
+# converter: fetched once at build time; the token is a build secret. A Qwen (v1) artifact or
+# adapter is converted to the Qwen2 layout here, offline: no remote code.
+COPY models.json ./
+COPY helm_server/__init__.py helm_server/settings.py helm_server/fetch.py ./helm_server/
 COPY pipeline/ ./pipeline/
-
-# Weights at the spec's revisions, fetched once at build time; the token is a build secret.
-# A Qwen (v1) artifact or adapter is converted to the Qwen2 layout here, offline: no remote code.
 ARG FETCH_MODELS=1
 RUN --mount=type=secret,id=hf_token,required=false \\
     if [ "$FETCH_MODELS" = "1" ]; then \\
-        HF_HUB_OFFLINE=0 python -m helm_server.fetch serve_config.json {MODELS_DIR} \\
+        HF_HUB_OFFLINE=0 python -m helm_server.fetch models.json {MODELS_DIR} \\
         && python -m pipeline.convert --in-place {MODELS_DIR}/artifact{adapter_convert}; \\
     else \\
         echo "FETCH_MODELS=$FETCH_MODELS: mount the model at {MODELS_DIR}/artifact at run time"; \\
         if [ -s /run/secrets/hf_token ]; then echo "a hub token was provided as a build secret (unused)"; fi; \\
     fi
+
+# 3. The server and its configuration: change most often, cost nothing to rebuild.
+COPY serve_config.json main.py MANIFEST.json ./
+COPY helm_server/ ./helm_server/
+LABEL org.llm-challenge.toolkit="packager" org.llm-challenge.submission="{spec.name}"
 ENV {" ".join(env_models)}
 
 EXPOSE {port}

@@ -45,8 +45,41 @@ class BuiltImage:
     log: str = ""
 
 
-def image_tag(name: str, spec_sha256: str) -> str:
-    return f"llm-challenge/{name}:{spec_sha256[:12]}"
+REPOSITORY = "llm-challenge"
+LABEL = "org.llm-challenge.toolkit=packager"
+
+
+def image_tag(name: str, spec_sha256: str, offline: bool) -> str:
+    """One tag per spec and variant: an offline build (local base, no weights) never overwrites an online one."""
+    return f"{REPOSITORY}/{name}:{spec_sha256[:12]}-{'offline' if offline else 'online'}"
+
+
+def stale(images: list[dict]) -> list[str]:
+    """Of the toolkit's submission images ({"ref", "created"}), every one but the newest per submission and variant.
+
+    Base images (`llm-challenge/base-*`) are never stale; nothing outside `llm-challenge/` is looked at.
+    """
+    newest: dict[tuple[str, str], dict] = {}
+    for image in images:
+        repo, _, tag = image["ref"].partition(":")
+        if not repo.startswith(f"{REPOSITORY}/") or repo.startswith(f"{REPOSITORY}/base-"):
+            continue
+        key = (repo, tag.rsplit("-", 1)[-1] if tag.endswith(("-offline", "-online")) else "")
+        if key not in newest or image["created"] > newest[key]["created"]:
+            newest[key] = image
+    kept = {i["ref"] for i in newest.values()}
+    return [i["ref"] for i in images if i["ref"].split(":")[0] in {k[0] for k in newest} and i["ref"] not in kept]
+
+
+def prune(docker: Docker) -> list[str]:
+    """Remove stale toolkit images and the toolkit's dangling layers; return what was removed."""
+    rows = docker.out("images", "--filter", f"reference={REPOSITORY}/*", "--format", "{{.Repository}}:{{.Tag}}\t{{.CreatedAt}}")
+    images = [dict(zip(("ref", "created"), line.split("\t", 1))) for line in rows.splitlines() if line.strip()]
+    gone = stale(images)
+    for ref in gone:
+        docker.run("rmi", ref, check=False)
+    docker.run("image", "prune", "-f", "--filter", f"label={LABEL}", check=False)
+    return gone
 
 
 def unzip_context(zip_path: Path, dest_root: Path = CONTEXTS) -> Path:
@@ -70,7 +103,7 @@ def prepare(docker: Docker, built: Built, offline: bool, fetch_models: bool) -> 
     """
     context = unzip_context(built.zip_path)
     opts = BuildOptions(
-        tag=image_tag(built.spec.name, built.spec_sha256),
+        tag=image_tag(built.spec.name, built.spec_sha256, offline),
         fetch_models=fetch_models,
         token=os.environ.get("HF_TOKEN") or None,
     )

@@ -1,8 +1,8 @@
 """Spec -> build context: the files of one submission, as {relative path: bytes}.
 
 The server code is copied as is (the same for every submission); what differs
-per submission is data rendered from the spec: `serve_config.json`, the
-Dockerfile and `MANIFEST.json`.
+per submission is data rendered from the spec: `serve_config.json`,
+`models.json` (what the image downloads), the Dockerfile and `MANIFEST.json`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from helm_server.settings import SERVE_CONFIG_FILE, ServeConfig
+from helm_server.settings import SERVE_CONFIG_FILE, ModelSource, ServeConfig, Weights
 
 from . import __version__
 from .base_images import BaseImage, base_image
@@ -20,6 +20,12 @@ from .paths import INFERENCE, LOCK, REPO
 from .spec import Spec
 
 SERVER_PACKAGE = "helm_server"
+WEIGHTS_FILE = "models.json"
+# The Dockerfile's requirements step mounts ./wheelhouse/, so the folder is always there; offline
+# builds add the lock's wheels to it (in the unzipped context, never in the zip).
+WHEELHOUSE_NOTE = "wheelhouse/README.txt"
+WHEELHOUSE_TEXT = (b"Offline builds put the lock's wheels here (make wheelhouse; added to the unzipped build\n"
+                   b"context, never to the zip). Empty, the image installs requirements.txt from PyPI.\n")
 # Python sources shipped in every zip, by their path there: the server, and the Qwen (v1)
 # converter, which the image runs at build time on a Qwen (v1) artifact.
 SHIPPED = {
@@ -27,6 +33,12 @@ SHIPPED = {
     "pipeline": REPO / "pipeline",
     "pipeline/convert": REPO / "pipeline" / "convert",
 }
+
+
+def weights(spec: Spec) -> Weights:
+    """The references the image downloads; nothing else, so the weights layer caches by them alone."""
+    source = lambda ref: ModelSource(repo_id=ref.repo_id, revision=ref.revision)  # noqa: E731
+    return Weights(model=source(spec.artifact), adapter=source(spec.adapter) if spec.adapter else None)
 
 
 def serve_config(spec: Spec) -> ServeConfig:
@@ -74,7 +86,9 @@ def render(spec: Spec, spec_sha256: str, lock: Path = LOCK) -> dict[str, bytes]:
     base = base_image(spec.image.base)
     files = server_sources()
     files[SERVE_CONFIG_FILE] = _json(serve_config(spec).model_dump(mode="json"))
+    files[WEIGHTS_FILE] = _json(weights(spec).model_dump(mode="json"))
     files["requirements.txt"] = lock.read_bytes()
+    files[WHEELHOUSE_NOTE] = WHEELHOUSE_TEXT
     files["Dockerfile"] = render_dockerfile(spec, base, spec_sha256, __version__).encode("utf-8")
     files["MANIFEST.json"] = manifest(spec, spec_sha256, base, files)
     return files

@@ -97,3 +97,18 @@ def test_cli_build_all(tmp_path, capsys):
     assert main(["build", "--dist", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.zip")) == [f"{n}.zip" for n in NAMES]
     assert "warning:" in capsys.readouterr().err  # the reference specs are not pinned yet
+
+
+def test_prune_keeps_the_newest_image_per_submission_and_variant_and_never_base_or_foreign_images():
+    from packager.image import image_tag, stale
+
+    images = [
+        {"ref": "llm-challenge/submission-1:aaa-offline", "created": "2026-11-28 01:00:00 +0000 UTC"},
+        {"ref": "llm-challenge/submission-1:bbb-offline", "created": "2026-11-28 02:00:00 +0000 UTC"},
+        {"ref": "llm-challenge/submission-1:aaa-online", "created": "2026-11-28 01:30:00 +0000 UTC"},
+        {"ref": "llm-challenge/base-cpu:bookworm-torch2.13.0", "created": "2026-11-01 00:00:00 +0000 UTC"},
+        {"ref": "llm-challenge/base-cpu:older", "created": "2026-10-01 00:00:00 +0000 UTC"},
+        {"ref": "someone/else:latest", "created": "2026-01-01 00:00:00 +0000 UTC"},
+    ]
+    assert stale(images) == ["llm-challenge/submission-1:aaa-offline"]
+    assert image_tag("mine", "f" * 64, offline=True) != image_tag("mine", "f" * 64, offline=False)

@@ -190,3 +190,30 @@ def test_stopping_make_serve_removes_the_container_and_says_so_in_one_line(tmp_p
     assert [line for line in err.splitlines() if "removed" in line] == [line for line in err.splitlines()
                                                                          if line.startswith("stopped: container")]
     assert any(line.startswith("stopped: container llm-challenge-serve-submission-1-") for line in err.splitlines())
+
+
+def test_a_generation_edit_rebuilds_neither_requirements_nor_weights(tmp_path):
+    docker, base = _docker_or_skip()
+    text = (REPO / "submissions" / "submission-2" / "spec.toml").read_text()
+    tags = []
+    try:
+        logs = []
+        for n, edit in enumerate(("", "default_max_new_tokens = 50", "# a comment")):
+            folder = tmp_path / f"subs{n}" / "submission-2"
+            folder.mkdir(parents=True)
+            changed = text.replace("default_max_new_tokens = 50", "default_max_new_tokens = 64") if n == 1 else text
+            (folder / "spec.toml").write_text(changed + ("\n# a comment\n" if n == 2 else ""))
+            built = build(folder / "spec.toml", tmp_path / f"dist{n}")
+            context = unzip_context(built.zip_path, tmp_path / f"ctx{n}")
+            tags.append(f"llm-challenge/cache-test:{n}")
+            opts = BuildOptions(tag=tags[-1], base_image=base, fetch_models=False, wheelhouse=WHEELHOUSE)
+            logs.append(build_image(docker, context, opts, capture=True).log)
+        for log in logs[1:]:
+            steps = [line for line in log.splitlines() if "pip install --no-deps" in line or "helm_server.fetch" in line]
+            assert steps, log[-3000:]
+            for line in steps:  # BuildKit prints "#N CACHED" after a step's header line
+                step = line.split()[0]
+                assert f"{step} CACHED" in log, (line, log[-3000:])
+    finally:
+        for tag in tags:
+            docker.run("rmi", "-f", tag, check=False)

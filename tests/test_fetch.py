@@ -31,12 +31,10 @@ def test_fetches_artifact_and_adapter_at_their_revisions(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(fetch, "SECRET_FILE", tmp_path / "none")
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    config = tmp_path / "serve_config.json"
+    config = tmp_path / "models.json"  # what the packager renders: the references and nothing else
     config.write_text(json.dumps({
-        "submission": "s",
         "model": {"repo_id": "org/artifact", "revision": "a" * 40},
         "adapter": {"repo_id": "org/adapter", "revision": "b" * 40},
-        "generation": {"eos_token_ids": [1]},
     }))
     assert fetch.main([str(config), str(tmp_path / "models")]) == 0
     assert [(c["repo_id"], c["revision"], c["local_dir"].name, c["token"]) for c in calls] == [

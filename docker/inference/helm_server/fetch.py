@@ -6,7 +6,7 @@ fetched once at the spec's pinned revisions. A Hub token for private repos is
 read from a BuildKit secret file (`--secret id=hf_token,...`) and never
 written anywhere.
 
-    python -m helm_server.fetch serve_config.json /models
+    python -m helm_server.fetch models.json /models
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .settings import ModelSource, ServeConfig
+from .settings import ModelSource, Weights
 
 SECRET_FILE = Path("/run/secrets/hf_token")
 
@@ -39,10 +39,10 @@ def fetch(source: ModelSource, target: Path, token: str | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", type=Path, help="serve_config.json")
+    parser.add_argument("weights", type=Path, help="models.json: the model (and adapter) references")
     parser.add_argument("models_dir", type=Path, help="where artifact/ and adapter/ are written")
     args = parser.parse_args(argv)
-    config = ServeConfig.model_validate_json(args.config.read_text(encoding="utf-8"))
+    config = Weights.model_validate_json(args.weights.read_text(encoding="utf-8"))
     token = read_token()
     fetch(config.model, args.models_dir / "artifact", token)
     if config.adapter is not None:

@@ -98,6 +98,14 @@ class ServerSettings(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class Weights(_Strict):
+    """What the image downloads at build time (`models.json`): only the references, so that the
+    weights layer is rebuilt when a repo or revision changes and for nothing else."""
+
+    model: ModelSource
+    adapter: ModelSource | None = None
+
+
 class ServeConfig(_Strict):
     """Everything `main.py` needs to serve one submission."""
 
