@@ -9,7 +9,9 @@ base image and FETCH_MODELS=0 as build arguments.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 import time
 import zipfile
@@ -95,15 +97,17 @@ def unzip_context(zip_path: Path, dest_root: Path = CONTEXTS) -> Path:
     return target
 
 
-def prepare(docker: Docker, built: Built, offline: bool, fetch_models: bool) -> tuple[Path, BuildOptions]:
-    """Unzip a built submission and choose its build options, online or offline.
+def prepare(docker: Docker, built: Built, offline: bool, fetch_models: bool, contexts: Path = CONTEXTS,
+            tag: str | None = None) -> tuple[Path, BuildOptions]:
+    """Unzip a built submission (under `contexts`) and choose its build options, online or offline.
 
     Offline: the local base image and the wheelhouse (both must exist). A Hub
-    token in HF_TOKEN becomes a build secret, nothing else.
+    token in HF_TOKEN becomes a build secret, nothing else. `tag` replaces the
+    toolkit's own (tests use theirs, so a user's images are never re-tagged).
     """
-    context = unzip_context(built.zip_path)
+    context = unzip_context(built.zip_path, contexts)
     opts = BuildOptions(
-        tag=image_tag(built.spec.name, built.spec_sha256, offline),
+        tag=tag or image_tag(built.spec.name, built.spec_sha256, offline),
         fetch_models=fetch_models,
         token=os.environ.get("HF_TOKEN") or None,
     )
@@ -143,8 +147,41 @@ def build_image(docker: Docker, context: Path, opts: BuildOptions, capture: bool
             secret.write_text(opts.token)
             args += ["--secret", f"id={SECRET_ID},src={secret}"]
         start = time.perf_counter()
-        proc = docker.run(*args, str(context), capture=capture)
+        log = run_build(docker, [*args, str(context)], context, quiet=capture)
         seconds = time.perf_counter() - start
     size = int(docker.out("image", "inspect", "--format", "{{.Size}}", opts.tag))
-    log = (proc.stdout or b"").decode(errors="replace") + (proc.stderr or b"").decode(errors="replace")
     return BuiltImage(opts.tag, context, seconds, size, log)
+
+
+# BuildKit's plain progress: a step's header ("#7 [3/8] RUN ...") and its outcome ("#7 CACHED", "#7 DONE 1.2s").
+_STEP = re.compile(r"^#\d+ \[[^\]]*\d+/\d+\] ")
+_OUTCOME = re.compile(r"^#\d+ (CACHED|DONE \d|ERROR)")
+# What a build says when it cannot reach a registry (the base image's, or PyPI's).
+_UNREACHABLE = re.compile(r"failed to resolve source metadata|pull access denied|no such host|dial tcp|"
+                          r"TLS handshake timeout|i/o timeout|failed to do request|Temporary failure in name resolution|"
+                          r"Could not find a version that satisfies", re.I)
+TAIL_LINES = 40
+
+
+def run_build(docker: Docker, args: list[str], context: Path, quiet: bool = False) -> str:
+    """Run `docker build`, printing one line per step and outcome (not the steps' own output); the whole
+    log goes to <context>.build.log. On failure: the last lines, and OFFLINE=1 when a registry was out of reach."""
+    proc = subprocess.Popen([docker.executable, *args], env=docker.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        lines.append(line)
+        if not quiet and (_STEP.match(line) or _OUTCOME.match(line)):
+            print(f"  {line[:140]}", flush=True)
+    code = proc.wait()
+    log = "\n".join(lines) + "\n"
+    saved = context.parent / f"{context.name}.build.log"
+    saved.write_text(log, encoding="utf-8")
+    if code != 0:
+        hint = ""
+        if _UNREACHABLE.search(log):
+            hint = ("\na registry (the base image's or PyPI) could not be reached: build offline with OFFLINE=1 "
+                    "(after `make base-image wheelhouse`), or check the network and proxy settings")
+        tail = "\n".join(f"    {line}" for line in lines[-TAIL_LINES:])
+        raise DockerError(f"docker build of {context} failed ({code}); its last lines (whole log: {saved}):\n{tail}{hint}")
+    return log

@@ -47,7 +47,7 @@ def test_no_layer_of_the_image_contains_the_build_secret(tmp_path):
     docker, base = _docker_or_skip()
     built = build(REPO / "submissions" / "submission-1" / "spec.toml", tmp_path / "dist")
     context = unzip_context(built.zip_path, tmp_path / "ctx")
-    tag = "llm-challenge/secret-scan:test"
+    tag = "llm-challenge-test/secret-scan:1"
     opts = BuildOptions(tag=tag, base_image=base, fetch_models=False, wheelhouse=WHEELHOUSE, token=DUMMY_TOKEN, no_cache=True)
     try:
         image = build_image(docker, context, opts, capture=True)
@@ -128,11 +128,11 @@ def test_validate_cli_refuses_a_missing_model_dir(capsys):
     assert "--adapter needs --model" in capsys.readouterr().err
 
 
-def test_serve_cli_checks_its_inputs_before_any_work(capsys):
+def test_serve_cli_checks_its_inputs_before_any_work(tmp_path, capsys):
     from packager.cli import main
 
-    assert main(["serve", "submission-1", "--offline"]) == 2
-    assert "needs --model DIR" in capsys.readouterr().err
+    assert main(["serve", "submission-1", "--offline", "--adapter", str(tmp_path)]) == 2
+    assert "--adapter needs --model" in capsys.readouterr().err
     assert main(["serve", "submission-1", "--model", "/no/such/dir"]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
@@ -144,8 +144,13 @@ def test_failed_validation_prints_logs_and_removes_the_container(tmp_path, capsy
     (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     from packager.validate import validate
 
-    with pytest.raises(DockerError, match="stopped while starting"):
-        validate("submission-1", offline=True, model=broken, adapter=None, timeout=120)
+    tag = "llm-challenge-test/broken:1"
+    try:
+        with pytest.raises(DockerError, match="stopped while starting"):
+            validate("submission-1", offline=True, model=broken, adapter=None, timeout=120, dist=tmp_path / "dist",
+                     contexts=tmp_path / "ctx", tag=tag)
+    finally:
+        docker.run("rmi", "-f", tag, check=False)
     assert "container logs" in capsys.readouterr().err
     leftovers = docker.out("ps", "-a", "--filter", "name=llmc-validate", "--format", "{{.Names}}")
     assert leftovers == ""
@@ -153,43 +158,60 @@ def test_failed_validation_prints_logs_and_removes_the_container(tmp_path, capsy
 
 def test_offline_container_serves_a_tiny_gptq_artifact(tmp_path):
     """`make validate-1 OFFLINE=1 MODEL=<tiny gptq>`: GPTQModel from the wheelhouse, no C compiler in the image."""
-    _docker_or_skip()
+    docker, _ = _docker_or_skip()
     from packager.tiny_model import save_tiny_gptq
     from packager.validate import validate
 
     model = save_tiny_gptq(tmp_path / "tiny-gptq")
     assert json.loads((model / "config.json").read_text())["quantization_config"]["bits"] == 8
-    report = validate("submission-1", offline=True, model=model, adapter=None, timeout=300)
+    tag = "llm-challenge-test/gptq:1"
+    try:
+        report = validate("submission-1", offline=True, model=model, adapter=None, timeout=300, dist=tmp_path / "dist",
+                          contexts=tmp_path / "ctx", tag=tag)
+    finally:
+        docker.run("rmi", "-f", tag, check=False)
     assert report.passed, [c for c in report.checks if not c.passed]
 
 
-def test_stopping_make_serve_removes_the_container_and_says_so_in_one_line(tmp_path):
+def test_stopping_serve_removes_the_container_and_says_so_in_one_line(tmp_path):
+    """Any stop (TERM here, as `kill -TERM` of make forwards it) removes the container: nothing keeps serving."""
     import signal
+    import sys
     import time
     import urllib.request
 
     from conftest import free_port
 
     docker, _ = _docker_or_skip()
-    port = free_port()
-    proc = subprocess.Popen(["make", "--no-print-directory", "serve-1", "OFFLINE=1", f"PORT={port}", f"DIST={tmp_path}"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, healthy = time.time() + 600, False
-    while time.time() < deadline and proc.poll() is None and not healthy:
-        try:
-            healthy = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            time.sleep(1)
-    assert healthy, proc.stderr.read() if proc.poll() is not None else "never healthy"
-    ours = ["ps", "-a", "-q", "--filter", "name=llm-challenge-serve-submission-1-"]
-    assert docker.out(*ours)  # it is running
-    proc.send_signal(signal.SIGTERM)  # as `kill -TERM <make>` does
-    out, err = proc.communicate(timeout=120)
-    assert docker.out(*ours) == ""  # removed, not orphaned
-    assert "Traceback" not in err
-    assert [line for line in err.splitlines() if "removed" in line] == [line for line in err.splitlines()
-                                                                         if line.startswith("stopped: container")]
-    assert any(line.startswith("stopped: container llm-challenge-serve-submission-1-") for line in err.splitlines())
+    port, tag = free_port(), "llm-challenge-test/serve:1"
+    cmd = [sys.executable, "-m", "packager", "serve", "--offline", "--port", str(port), "--dist", str(tmp_path / "dist"),
+           "--contexts", str(tmp_path / "ctx"), "--tag", tag, "--model", str(_stand_in(tmp_path)), "submission-1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, healthy = time.time() + 600, False
+        while time.time() < deadline and proc.poll() is None and not healthy:
+            try:
+                healthy = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                time.sleep(1)
+        assert healthy, proc.stderr.read() if proc.poll() is not None else "never healthy"
+        ours = ["ps", "-a", "-q", "--filter", f"name=llm-challenge-serve-submission-1-{proc.pid}"]
+        assert docker.out(*ours)  # it is running
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert docker.out(*ours) == ""  # removed, not orphaned
+        assert "Traceback" not in err
+        assert [line for line in err.splitlines() if "removed" in line] == [
+            f"stopped: container llm-challenge-serve-submission-1-{proc.pid} removed"]
+    finally:
+        proc.kill()
+        docker.run("rmi", "-f", tag, check=False)
+
+
+def _stand_in(tmp_path: Path) -> Path:
+    from packager.tiny_model import stand_in
+
+    return stand_in(tmp_path / "tiny-model")
 
 
 def test_a_generation_edit_rebuilds_neither_requirements_nor_weights(tmp_path):
@@ -205,7 +227,7 @@ def test_a_generation_edit_rebuilds_neither_requirements_nor_weights(tmp_path):
             (folder / "spec.toml").write_text(changed + ("\n# a comment\n" if n == 2 else ""))
             built = build(folder / "spec.toml", tmp_path / f"dist{n}")
             context = unzip_context(built.zip_path, tmp_path / f"ctx{n}")
-            tags.append(f"llm-challenge/cache-test:{n}")
+            tags.append(f"llm-challenge-test/cache:{n}")
             opts = BuildOptions(tag=tags[-1], base_image=base, fetch_models=False, wheelhouse=WHEELHOUSE)
             logs.append(build_image(docker, context, opts, capture=True).log)
         for log in logs[1:]:
@@ -217,3 +239,15 @@ def test_a_generation_edit_rebuilds_neither_requirements_nor_weights(tmp_path):
     finally:
         for tag in tags:
             docker.run("rmi", "-f", tag, check=False)
+
+
+def test_an_unreachable_registry_shows_the_failing_lines_and_suggests_offline(tmp_path):
+    docker, _ = _docker_or_skip()
+    built = build(REPO / "submissions" / "submission-1" / "spec.toml", tmp_path / "dist")
+    context = unzip_context(built.zip_path, tmp_path / "ctx")
+    opts = BuildOptions(tag="llm-challenge-test/unreachable:1", base_image="registry.invalid/nothing:1", fetch_models=False)
+    with pytest.raises(DockerError) as e:
+        build_image(docker, context, opts)
+    msg = str(e.value)
+    assert "its last lines" in msg and "registry.invalid" in msg and "OFFLINE=1" in msg
+    assert (tmp_path / "ctx" / "submission-1.build.log").is_file()
