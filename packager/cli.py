@@ -11,6 +11,7 @@ from pathlib import Path
 from .build import build, validate
 from .checks import PackagingError
 from .docker_cli import DockerError, find_docker
+from .image import CONTEXTS
 from .paths import DIST, SUBMISSIONS
 from .spec import SPEC_FILE, SpecError, spec_path
 
@@ -71,19 +72,21 @@ def cmd_image(args: argparse.Namespace) -> None:
 
     docker = find_docker()
     for name in _names(args):
-        context, opts = prepare(docker, _built(args, name), args.offline, fetch_models=not args.offline)
+        context, opts = prepare(docker, _built(args, name), args.offline, fetch_models=not args.offline,
+                                contexts=Path(args.contexts), tag=args.tag)
         image = build_image(docker, context, opts)
         print(f"built image {image.tag} ({image.size_bytes / 1e9:.2f} GB) in {image.seconds:.1f} s from {context}/Dockerfile")
 
 
-def serve_mounts(offline: bool, model: str | None, adapter: str | None):
+def serve_mounts(offline: bool, model: str | None, adapter: str | None, stand_in_dir: Path | None = None):
     """What `serve` mounts: as `validate`, an offline image without MODEL serves the tiny stand-in."""
     from .container import Mounts
     from .tiny_model import stand_in
 
     if offline and model is None:
-        print("OFFLINE=1 without MODEL: serving the tiny stand-in model (build/tiny-model/)", file=sys.stderr)
-        return Mounts(model=stand_in(), adapter=Path(adapter) if adapter else None)
+        folder = stand_in(stand_in_dir) if stand_in_dir else stand_in()
+        print(f"OFFLINE=1 without MODEL: serving the tiny stand-in model ({folder})", file=sys.stderr)
+        return Mounts(model=folder, adapter=Path(adapter) if adapter else None)
     return Mounts(model=Path(model) if model else None, adapter=Path(adapter) if adapter else None)
 
 
@@ -102,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     built = _built(args, args.names[0])  # spec refusals before any Docker work
     mounts = serve_mounts(args.offline, args.model, args.adapter)
     docker = find_docker()
-    context, opts = prepare(docker, built, args.offline, fetch_models=not args.offline)
+    context, opts = prepare(docker, built, args.offline, fetch_models=not args.offline,
+                            contexts=Path(args.contexts), tag=args.tag)
     image = build_image(docker, context, opts)
     name = f"llm-challenge-serve-{built.spec.name}-{os.getpid()}"
     run = ["run", "-d", "--name", name, "-p", f"127.0.0.1:{args.port}:80"]
@@ -163,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--dist", default=str(DIST), help="output folder (default: %(default)s)")
         if name in ("image", "serve"):
             c.add_argument("--offline", action="store_true", help="local base image and wheelhouse; no weights")
+            c.add_argument("--tag", help="image tag (default llm-challenge/NAME:SPECSHA-online|offline)")
+            c.add_argument("--contexts", default=str(CONTEXTS), help="where zips are unzipped to build (default %(default)s)")
         if name == "serve":
             c.add_argument("--model", help="local model directory to mount read-only")
             c.add_argument("--adapter", help="local adapter directory to mount read-only (with --model)")

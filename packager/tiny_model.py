@@ -88,11 +88,11 @@ def save_tiny_model(directory: Path) -> Path:
     return directory
 
 
-def stand_in() -> Path:
-    """build/tiny-model/, written on first use: what offline validation and serving run without MODEL."""
+def stand_in(folder: Path | None = None) -> Path:
+    """build/tiny-model/ (or `folder`), written on first use: what offline validation and serving run without MODEL."""
     from .paths import REPO
 
-    folder = REPO / "build" / "tiny-model"
+    folder = folder or REPO / "build" / "tiny-model"
     if not (folder / "config.json").is_file():
         save_tiny_model(folder)
     return folder

@@ -25,7 +25,7 @@ from .checks import PackagingError
 from .conformance import CheckResult
 from .container import Mounts, gpu_available, logs, peak_memory_bytes, running, wait_healthy
 from .docker_cli import DockerError, find_docker
-from .image import build_image, prepare
+from .image import CONTEXTS, build_image, prepare
 from .paths import DIST, REPO, SUBMISSIONS
 from .tiny_model import stand_in
 from .spec import SpecError, spec_path
@@ -69,9 +69,11 @@ def _conformance(c, timeout: float) -> list[CheckResult]:
 
 
 def validate(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float,
-             submissions: Path = SUBMISSIONS, strict: bool = False) -> Report:
+             submissions: Path = SUBMISSIONS, strict: bool = False, dist: Path = DIST, contexts: Path = CONTEXTS,
+             tag: str | None = None) -> Report:
+    """Build, run, drive and report; `dist`, `contexts` and `tag` put every trace elsewhere (tests)."""
     report = Report(name)
-    built = build(spec_path(submissions, name), DIST, strict)  # spec refusals come before any Docker work
+    built = build(spec_path(submissions, name), dist, strict)  # spec refusals come before any Docker work
     docker = find_docker()
     spec = built.spec
     if model is None and offline:
@@ -79,7 +81,7 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
     estimate = budget_mod.check(spec, model)
     report.add("gpu budget", estimate.describe())
 
-    context, opts = prepare(docker, built, offline, fetch_models=model is None)
+    context, opts = prepare(docker, built, offline, fetch_models=model is None, contexts=contexts, tag=tag)
     with zipfile.ZipFile(built.zip_path) as zf:
         zipped = zf.read(f"{name}/Dockerfile")
     same = (context / "Dockerfile").read_bytes() == zipped

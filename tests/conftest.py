@@ -102,3 +102,36 @@ def helm_tokenizer(base_url):
     from helm.tokenizers.http_model_tokenizer import HTTPModelTokenizer
 
     return HTTPModelTokenizer(cache_config=BlackHoleCacheConfig(), base_url=base_url)
+
+
+# --- the suite leaves the user's working tree and images as it found them ----------------
+
+
+def _tree(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(REPO)): p.stat().st_mtime for p in root.rglob("*")} if root.is_dir() else {}
+
+
+def _toolkit_images() -> set[str] | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["docker", "images", "--no-trunc", "--filter", "reference=llm-challenge/*",
+                               "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(done.stdout.split("\n")) if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_side_effects():
+    """Tests work in temporary folders and under their own image names: dist/, build/ and the
+    user's `llm-challenge/*` images are the same after the suite as before it."""
+    before = {**_tree(REPO / "dist"), **_tree(REPO / "build")}
+    images = _toolkit_images()
+    yield
+    after = {**_tree(REPO / "dist"), **_tree(REPO / "build")}
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"the tests changed the working tree: {changed[:10]}"
+    if images is not None:
+        now = _toolkit_images()
+        assert now is None or now == images, f"the tests changed the user's images: {sorted(now ^ images)[:10]}"

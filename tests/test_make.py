@@ -70,10 +70,10 @@ def test_local_folders_are_checked_before_the_offline_base_image_is_built(tmp_pa
         assert "debootstrap" not in said and "packager.offline" not in said
 
 
-def test_serving_offline_without_a_model_serves_the_stand_in_as_validation_does(capsys):
+def test_serving_offline_without_a_model_serves_the_stand_in_as_validation_does(tmp_path, capsys):
     from packager.cli import serve_mounts
 
-    mounts = serve_mounts(True, None, None)
+    mounts = serve_mounts(True, None, None, stand_in_dir=tmp_path / "tiny")
     assert mounts.model is not None and (mounts.model / "config.json").is_file() and mounts.adapter is None
     assert "tiny stand-in" in capsys.readouterr().err
     assert serve_mounts(False, None, None).model is None  # online: the image's own weights
