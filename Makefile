@@ -61,7 +61,8 @@ help: ## list the targets
 
 $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements/dev.txt
+	@echo "creating $(VENV)/ with the pinned dev and test dependencies (a few minutes the first time)"
+	$(PIP) install --progress-bar on -r requirements/dev.txt
 	$(PIP) install -q --no-deps -r requirements/helm.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@

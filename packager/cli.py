@@ -22,9 +22,22 @@ def _names(args: argparse.Namespace) -> list[str]:
     return sorted(p.parent.name for p in Path(args.submissions).glob(f"*/{SPEC_FILE}"))
 
 
-def _warn(lines: list[str]) -> None:
-    for line in lines:
-        print(f"warning: {line}", file=sys.stderr)
+_UNPINNED: list[tuple[str, list[str]]] = []  # (submission, its references on branches), summarised once
+
+
+def _warn(name: str, unpinned: list[str]) -> None:
+    if unpinned:
+        _UNPINNED.append((name, unpinned))
+
+
+def summarize_warnings() -> None:
+    """One line for every unpinned reference of every submission this command touched."""
+    if _UNPINNED:
+        refs = sum(len(u) for _, u in _UNPINNED)
+        each_one = "; ".join(f"{name}: {', '.join(u)}" for name, u in _UNPINNED)
+        print(f"warning: {refs} model reference{'s are' if refs > 1 else ' is'} a branch or tag, not a commit, so the "
+              f"weights can change under the submission ({each_one}); pin them (STRICT=1 refuses)", file=sys.stderr)
+        _UNPINNED.clear()
 
 
 def each(names: list[str], work) -> None:
@@ -36,14 +49,15 @@ def each(names: list[str], work) -> None:
         except (SpecError, PackagingError) as e:
             print(f"error: {e}", file=sys.stderr)
             failed.append(name)
+    summarize_warnings()
     if failed:
         raise SpecError(f"{len(failed)} of {len(names)} submission{'s' if len(names) > 1 else ''} refused: {', '.join(failed)}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
     def one(name: str) -> None:
-        spec, sha, warnings = validate(spec_path(Path(args.submissions), name), args.strict)
-        _warn(warnings)
+        spec, sha, _ = validate(spec_path(Path(args.submissions), name), args.strict)
+        _warn(name, spec.unpinned())
         print(f"ok  {name}  spec sha256 {sha[:12]}")
         if spec.training is not None:
             lora = spec.training.lora
@@ -55,7 +69,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 def cmd_build(args: argparse.Namespace) -> None:
     def one(name: str) -> None:
         built = build(spec_path(Path(args.submissions), name), Path(args.dist), args.strict)
-        _warn(built.warnings)
+        _warn(name, built.spec.unpinned())
         print(f"built {built.zip_path}  (build context: {built.context_dir})")
 
     each(_names(args), one)
@@ -63,7 +77,8 @@ def cmd_build(args: argparse.Namespace) -> None:
 
 def _built(args: argparse.Namespace, name: str):
     built = build(spec_path(Path(args.submissions), name), Path(args.dist), args.strict)
-    _warn(built.warnings)
+    _warn(name, built.spec.unpinned())
+    summarize_warnings()
     return built
 
 

@@ -37,7 +37,7 @@ def resolve(requirements_in: Path, torch_version: str, constraints: Path | None 
         env = Path(tmp) / "venv"
         venv.create(env, with_pip=True)
         py = str(env / "bin" / "python")
-        subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}"], check=True)
+        subprocess.run([py, "-m", "pip", "install", "--progress-bar", "on", f"torch=={torch_version}"], check=True)
         report = Path(tmp) / "report.json"
         subprocess.run(
             [py, "-m", "pip", "install", "-q", "--dry-run", "--report", str(report), "-r", str(requirements_in),

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .base_images import base_image
@@ -42,8 +43,11 @@ def build_rootfs_image(docker: Docker, mirror: str = DEBIAN_MIRROR) -> str:
         raise DockerError("debootstrap is missing: `sudo apt-get install debootstrap`")
     with tempfile.TemporaryDirectory(prefix="rootfs-") as tmp:
         root = Path(tmp) / "root"
+        print(f"debootstrap {DEBIAN_SUITE} (minbase + python3) from {mirror}: a few minutes; its own log is quiet", flush=True)
+        started = time.perf_counter()
         _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
               DEBIAN_SUITE, str(root), mirror], stdout=subprocess.DEVNULL)
+        print(f"debootstrap done in {time.perf_counter() - started:.0f} s; importing it as {ROOTFS_IMAGE}", flush=True)
         tar = subprocess.Popen(["tar", "-C", str(root), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
         imported = subprocess.run([docker.executable, "import", "-", ROOTFS_IMAGE], stdin=tar.stdout,
                                   capture_output=True, env=docker.env)
@@ -62,7 +66,8 @@ def build_local_base(docker: Docker) -> str:
     with tempfile.TemporaryDirectory(prefix="base-cpu-") as tmp:
         context = Path(tmp)
         shutil.copy(REPO / "docker" / "base-cpu" / "Dockerfile", context / "Dockerfile")
-        _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+        print(f"downloading torch=={base.torch} (CPU) for {base.image}", flush=True)
+        _run([sys.executable, "-m", "pip", "download", "--progress-bar", "on", "--only-binary=:all:",
               f"torch=={base.torch}", "-d", str(context / "wheels")])
         docker.run("build", "--build-arg", f"ROOTFS_IMAGE={ROOTFS_IMAGE}", "-t", base.image, str(context), capture=False)
     return base.image
@@ -97,7 +102,7 @@ def build_wheelhouse(lock: Path = LOCK, dest: Path = WHEELHOUSE) -> Path:
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as pins:
         pins.write("\n".join(missing) + "\n")
         pins.flush()
-        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--prefer-binary", "-r", pins.name, "-w", str(dest)])
+        _run([sys.executable, "-m", "pip", "wheel", "--progress-bar", "on", "--no-deps", "--prefer-binary", "-r", pins.name, "-w", str(dest)])
     still = missing_wheels(lock, dest)
     if still:
         raise DockerError(f"no wheel for {', '.join(still)} in {dest}: see pip's output above")

@@ -39,8 +39,8 @@ class Report:
     checks: list[CheckResult] = field(default_factory=list)
 
     def add(self, key: str, value: str) -> None:
+        """A fact for the report, printed once, at the end."""
         self.lines.append((key, value))
-        print(f"[validate] {key}: {value}", flush=True)
 
     @property
     def passed(self) -> bool:
@@ -53,6 +53,11 @@ class Report:
             out.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<42} {c.seconds * 1000:8.0f} ms  {c.detail}")
         out.append(f"== {'PASSED' if self.passed else 'FAILED'} ==")
         return "\n".join(out)
+
+
+def step(message: str) -> None:
+    """What a long step is doing now (stderr; the report repeats none of it)."""
+    print(f"[validate] {message}", file=sys.stderr, flush=True)
 
 
 def _sha(data: bytes) -> str:
@@ -86,6 +91,7 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
         zipped = zf.read(f"{name}/Dockerfile")
     same = (context / "Dockerfile").read_bytes() == zipped
     report.add("dockerfile", f"{'identical to' if same else 'DIFFERS FROM'} {built.zip_path.name}'s (sha256 {_sha(zipped)})")
+    step(f"building {opts.tag} from {context}/Dockerfile")
     image = build_image(docker, context, opts)
     report.add("mode", f"{'offline' if offline else 'online'}; base {opts.base_image or 'from the Dockerfile'}")
     report.add("build time", f"{image.seconds:.1f} s")
@@ -100,9 +106,11 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
         report.add("adapter", f"NONE: the spec's adapter {spec.adapter.repo_id} is not served (a mounted model serves "
                               "without it); pass ADAPTER=dir to validate it")
     report.add("run", f"--network none{', --gpus all' if gpus else ', CPU only'}")
+    step("starting the container (--network none) and waiting for /health")
     with running(docker, image.tag, mounts, gpus) as c:
         try:
             report.add("time to healthy", f"{wait_healthy(docker, c, timeout):.1f} s")
+            step("driving it with HELM's client")
             report.checks = _conformance(c, timeout)
             peak = peak_memory_bytes(docker, c)
             report.add("peak memory", f"{peak / 1e9:.2f} GB (container cgroup)" if peak else "unknown")

@@ -96,7 +96,20 @@ def test_zip_never_contains_bytecode_even_when_sources_have_it(tmp_path):
 def test_cli_build_all(tmp_path, capsys):
     assert main(["build", "--dist", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.zip")) == [f"{n}.zip" for n in NAMES]
-    assert "warning:" in capsys.readouterr().err  # the reference specs are not pinned yet
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1  # one summary line for every unpinned reference of every spec, not one per spec
+    assert "submission-1: base_model Qwen/Qwen-14B@main" in warnings[0] and "submission-3:" in warnings[0]
+
+
+def test_the_validation_report_states_each_fact_once(capsys):
+    from packager.validate import Report, step
+
+    report = Report("s")
+    report.add("build time", "1.0 s")
+    step("building")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "[validate] building\n"
+    assert report.render().count("build time") == 1
 
 
 def test_prune_keeps_the_newest_image_per_submission_and_variant_and_never_base_or_foreign_images():
