@@ -81,7 +81,7 @@ submissions: $(STAMP) ## build every submission's zip into dist/
 	$(PY) -m packager $(SUBS_FLAG) build $(STRICT_FLAG) $(DIST_FLAG)
 
 specs: $(STAMP) ## validate every spec under submissions/
-	$(PY) -m packager $(SUBS_FLAG) validate $(STRICT_FLAG)
+	$(PY) -m packager $(SUBS_FLAG) check $(STRICT_FLAG)
 
 test: $(STAMP) ## run the whole test suite (CPU, no network)
 	$(PY) -m pytest

@@ -1,4 +1,7 @@
-"""`python -m packager validate|build|list`: the commands the Makefile runs."""
+"""`python -m packager check|build|image|serve|prune|list`: the commands the Makefile runs.
+
+(`python -m packager.validate` is the container validation, `make validate-N`.)
+"""
 
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ def each(names: list[str], work) -> None:
         raise SpecError(f"{len(failed)} of {len(names)} submission{'s' if len(names) > 1 else ''} refused: {', '.join(failed)}")
 
 
-def cmd_validate(args: argparse.Namespace) -> None:
+def cmd_check(args: argparse.Namespace) -> None:
     def one(name: str) -> None:
         spec, sha, _ = validate(spec_path(Path(args.submissions), name), args.strict)
         _warn(name, spec.unpinned())
@@ -169,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--submissions", default=str(SUBMISSIONS), help="folder of <name>/spec.toml (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, text in [
-        ("validate", cmd_validate, "check specs; warn on unpinned revisions"),
+        ("check", cmd_check, "check specs (every one, every problem); warn on unpinned revisions"),
         ("build", cmd_build, "render, check and zip specs into dist/"),
         ("image", cmd_image, "build the Docker image of each zip, from the zip's own Dockerfile"),
         ("serve", cmd_serve, "build and run one submission's container in the foreground"),

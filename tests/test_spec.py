@@ -149,9 +149,9 @@ def test_unknown_base_image_is_refused(tmp_path):
 
 def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     _write(tmp_path, _reference_text().replace("bits = 8", "bits = 9"))
-    assert main(["--submissions", str(tmp_path), "validate", "my-sub"]) == 2
+    assert main(["--submissions", str(tmp_path), "check", "my-sub"]) == 2
     assert "quantization.bits" in capsys.readouterr().err
-    assert main(["--submissions", str(tmp_path), "validate", "nope"]) == 2
+    assert main(["--submissions", str(tmp_path), "check", "nope"]) == 2
     assert "known submissions: my-sub" in capsys.readouterr().err
 
 
@@ -205,7 +205,7 @@ def test_every_broken_spec_is_reported_before_exit_2(tmp_path, capsys):
     _broken(tmp_path, 1, ("bits = 8", "bits = 3.5"))
     _broken(tmp_path, 2, ("dropout = 0.05", "dropout = 2"))
     _broken(tmp_path, 3)  # fine
-    for command in ("validate", "build"):
+    for command in ("check", "build"):
         assert main(["--submissions", str(tmp_path), command, "--dist", str(tmp_path / "dist")]) == 2
         err = capsys.readouterr().err
         assert "submission-1/spec.toml" in err and "submission-2/spec.toml" in err

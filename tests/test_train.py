@@ -194,7 +194,7 @@ def test_lora_targets_resolve_from_qwen1_or_qwen2_names():
 def test_make_specs_prints_the_resolved_targets(capsys):
     from packager import cli
 
-    assert cli.main(["validate", "submission-3"]) == 0
+    assert cli.main(["check", "submission-3"]) == 0
     out = capsys.readouterr().out
     assert "LoRA r=32 alpha=16 on self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.o_proj, " \
            "mlp.gate_proj, mlp.up_proj, mlp.down_proj of all layers" in out
