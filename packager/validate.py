@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.adapter is not None and args.model is None and not args.offline:
         print("error: --adapter needs --model (or --offline): an adapter mounts beside a mounted model", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # TERM and HUP behave as Ctrl-C: the container is removed
+        signal.signal(sig, _interrupt)
     try:
         report = validate(args.name, args.offline, args.model, args.adapter, args.timeout, args.submissions, args.strict)
     except (SpecError, PackagingError, DockerError, budget_mod.BudgetError, FileNotFoundError) as e:
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.TimeoutExpired as e:
         print(f"error: timed out: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the container (if one started) was removed", file=sys.stderr)
+        return 130
     print(report.render())
     return 0 if report.passed else 1
 
