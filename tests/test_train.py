@@ -274,3 +274,9 @@ def test_a_spec_with_an_unknown_lora_target_is_refused(tmp_path):
     path.write_text(text.replace('"mlp.c_proj"]', '"mlp.fc"]'))
     with pytest.raises(SpecError, match=r"training\.lora.*'mlp\.fc' is not a linear module.*Qwen2 names"):
         load_spec(path)
+
+
+def test_a_refused_run_leaves_no_run_folder(world, tmp_path):
+    assert train.main(["submission-2", "--submissions", str(world / "submissions"), "--model", str(world / "artifact"),
+                       "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "run").exists()

@@ -66,8 +66,7 @@ def up_to_date(out: Path, inputs: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     spec, _, q = spec_with(args, "quantization", "quantize")
     out = args.out or ARTIFACTS / spec.name
-    work = args.work or WORK / spec.name
-    work.mkdir(parents=True, exist_ok=True)
+    work = args.work or WORK / spec.name  # created by its first write: a refused run leaves nothing behind
 
     # 1. the base model, in the Qwen2 layout
     base = as_qwen2(model_folder(spec.base_model.repo_id, spec.base_model.revision, args.model), work)

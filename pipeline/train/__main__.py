@@ -133,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     spec, spec_sha, training = spec_with(args, "training", "train")
     out = args.out or TRAIN / spec.name
     data = args.data or DATA / spec.name
-    out.mkdir(parents=True, exist_ok=True)
 
     # 1. the data set (the data stage's output) and the base model (the quantized artifact, Qwen2 layout)
     examples, data_sha = read_data(data, spec.name)
@@ -182,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming from {resume} (step {position.step} of {total}, epoch {position.epoch + 1})", flush=True)
 
     # 4. train, checkpointing as it goes
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
     progress = Progress(out, total, position, model, optimizer, scheduler, training.checkpoints, rid, device)
     started = time.perf_counter()
     stop_at = None if args.steps is None else min(total, args.steps)
