@@ -24,17 +24,31 @@ class RequestError(ValueError):
     """A request that cannot be served as asked (answered 422, the server stays healthy)."""
 
 
+SEED_MODULUS = 2**64  # torch seeds are 64-bit: a larger seed is reduced, never an overflow
+
+
+def check_limits(req: ProcessRequest, settings: GenerationSettings) -> None:
+    """Refuse, before any model work, what would hold the model for minutes or cannot be honoured."""
+    if req.top_k_per_token > settings.max_top_k_per_token:
+        raise RequestError(f"top_k_per_token {req.top_k_per_token} is over this server's limit of "
+                           f"{settings.max_top_k_per_token} (generation.max_top_k_per_token)")
+    if len(req.prompt) > settings.max_prompt_chars:
+        raise RequestError(f"prompt of {len(req.prompt)} characters is over this server's limit of "
+                           f"{settings.max_prompt_chars} (generation.max_prompt_chars)")
+
+
 def resolve_params(req: ProcessRequest, settings: GenerationSettings, vocab_size: int) -> SamplingParams:
+    """HELM's request -> the engine's parameters; temperatures clamped to max_temperature, seeds reduced to 64 bits."""
     max_new = settings.default_max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
     top_k = settings.default_top_k if req.top_k is None else req.top_k
     greedy = req.temperature < settings.min_temperature
     return SamplingParams(
         max_new_tokens=max_new,
-        temperature=0.0 if greedy else req.temperature,
+        temperature=0.0 if greedy else min(req.temperature, settings.max_temperature),
         top_k=top_k,
         top_p=req.top_p,
         min_new_tokens=min(settings.min_new_tokens, max_new),
-        seed=req.seed,
+        seed=None if req.seed is None else req.seed % SEED_MODULUS,
         top_logprobs=min(max(1, req.top_k_per_token), vocab_size),
         echo_prompt=req.echo_prompt,
     )
@@ -70,6 +84,7 @@ class CompletionService:
 
     def process(self, req: ProcessRequest) -> Outcome:
         start = time.perf_counter()
+        check_limits(req, self.settings)
         params = resolve_params(req, self.settings, self.engine.vocab_size)
         prompt_ids = self.engine.encode(req.prompt)
         fitted = fit_context(prompt_ids, params.max_new_tokens, self.settings)

@@ -74,6 +74,10 @@ class GenerationSettings(_Strict):
     stop_sequences_in_output: bool = Field(
         default=False, description="keep the matched stop sequence in the returned text (HELM expects it cut)"
     )
+    # Request limits: beyond them a request is answered 422 naming the field and the limit, fast.
+    max_top_k_per_token: int = Field(default=100, ge=1, description="most top_logprob entries per token a request may ask")
+    max_prompt_chars: int = Field(default=100_000, ge=1, description="longest prompt (characters) a request may send")
+    max_temperature: float = Field(default=100.0, gt=0, description="higher temperatures are clamped to this")
 
     @field_validator("eos_token_ids")
     @classmethod

@@ -1,0 +1,51 @@
+"""Requests that once reached a 500 or held the model for minutes: each answered fast, the server healthy.
+
+The three from the server-hardening issue, against the tiny stand-in on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import requests
+
+
+def _post(base_url: str, body: dict) -> tuple[requests.Response, float]:
+    start = time.perf_counter()
+    response = requests.post(f"{base_url}/process", json=body, timeout=60)
+    return response, time.perf_counter() - start
+
+
+def _healthy(base_url: str) -> bool:
+    return requests.get(f"{base_url}/health", timeout=5).status_code == 200
+
+
+def test_an_astronomical_temperature_is_clamped_not_a_500(base_url):
+    response, seconds = _post(base_url, {"prompt": "hi", "max_new_tokens": 3, "temperature": 1e308})
+    assert response.status_code == 200, response.text
+    assert all(math.isfinite(t["logprob"]) for t in response.json()["tokens"])
+    assert seconds < 1 and _healthy(base_url)
+
+
+def test_a_seed_past_64_bits_is_reduced_not_an_overflow(base_url):
+    body = {"prompt": "hi", "max_new_tokens": 3, "temperature": 0.7, "seed": 99999999999999999999999}
+    first, seconds = _post(base_url, body)
+    again, _ = _post(base_url, body)
+    assert first.status_code == 200, first.text
+    assert first.json()["text"] == again.json()["text"]  # still a seed: the same answer twice
+    assert seconds < 1 and _healthy(base_url)
+
+
+def test_a_huge_top_k_per_token_is_refused_at_once_naming_the_limit(base_url):
+    body = {"prompt": "word " * 421, "max_new_tokens": 0, "echo_prompt": True, "top_k_per_token": 151936}
+    response, seconds = _post(base_url, body)
+    assert response.status_code == 422
+    assert "top_k_per_token 151936" in response.json()["detail"] and "max_top_k_per_token" in response.json()["detail"]
+    assert seconds < 1 and _healthy(base_url)
+
+
+def test_an_oversized_prompt_is_refused_naming_the_limit(base_url):
+    response, seconds = _post(base_url, {"prompt": "x" * 100_001, "max_new_tokens": 1})
+    assert response.status_code == 422 and "max_prompt_chars" in response.json()["detail"]
+    assert seconds < 1
