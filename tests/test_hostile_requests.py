@@ -49,3 +49,28 @@ def test_an_oversized_prompt_is_refused_naming_the_limit(base_url):
     response, seconds = _post(base_url, {"prompt": "x" * 100_001, "max_new_tokens": 1})
     assert response.status_code == 422 and "max_prompt_chars" in response.json()["detail"]
     assert seconds < 1
+
+
+def test_a_full_queue_is_answered_503_at_once_and_health_stays_up(tiny_model_dir):
+    import threading
+
+    from conftest import make_config, serving
+    from helm_server.app import create_app
+
+    config = make_config(tiny_model_dir, context_length=2048, min_new_tokens=1900)
+    config = config.model_copy(update={"server": config.server.model_copy(update={"max_queue": 0})})
+    with serving(create_app(config)) as url:
+        long = {"prompt": "hi", "max_new_tokens": 1900, "temperature": 0}
+        holder = threading.Thread(target=lambda: requests.post(f"{url}/process", json=long, timeout=300))
+        holder.start()
+        try:
+            time.sleep(0.5)  # the long request holds the model; max_queue = 0: nobody may wait
+            response, seconds = _post(url, {"prompt": "hi", "max_new_tokens": 1})
+            assert holder.is_alive(), "the long request ended before the test could queue behind it"
+            assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+            assert "server.max_queue" in response.json()["detail"] and seconds < 1
+            start = time.perf_counter()
+            assert _healthy(url) and time.perf_counter() - start < 1
+        finally:
+            holder.join(timeout=300)
+        assert _post(url, {"prompt": "hi", "max_new_tokens": 1})[0].status_code == 200  # free again

@@ -1,16 +1,18 @@
 """FastAPI routes: HELM's `neurips/local` endpoints plus `/health`.
 
-Handlers are plain `def`, so FastAPI runs them in its thread pool and
-`/health` stays responsive while a long generation runs; a lock keeps the
-model to one request at a time, so concurrent clients are served in turn.
+Model handlers are plain `def`, run in FastAPI's thread pool; a lock keeps
+the model to one request at a time, so concurrent clients are served in turn.
+At most `server.max_queue` requests wait; one more is answered 503 with
+`Retry-After` at once, instead of piling up threads. `/health` is `async`: it
+runs on the event loop and answers even when every worker thread waits.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from contextlib import asynccontextmanager
-from typing import Callable
+from contextlib import asynccontextmanager, contextmanager
+from typing import Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,10 +50,40 @@ def _readable(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+class Busy(Exception):
+    """The wait queue is full (answered 503 with Retry-After)."""
+
+
+class ModelGate:
+    """One request on the model at a time, at most `max_queue` waiting behind it."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.limit = max_queue + 1
+        self.inside = 0
+        self.count_lock = threading.Lock()
+        self.model_lock = threading.Lock()
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        with self.count_lock:
+            if self.inside >= self.limit:
+                raise Busy(f"{self.inside - 1} requests are already waiting for the model (server.max_queue)")
+            self.inside += 1
+        try:
+            with self.model_lock:
+                yield
+        finally:
+            with self.count_lock:
+                self.inside -= 1
+
+
+RETRY_AFTER_S = 2
+
+
 def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_engine) -> FastAPI:
     """Build the app; the model loads during startup, so /health is 200 only once it is ready."""
     state: dict[str, CompletionService] = {}
-    lock = threading.Lock()
+    gate = ModelGate(config.server.max_queue)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -72,6 +104,11 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
+    @app.exception_handler(Busy)
+    async def _busy(_: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                            content={"detail": f"busy: {exc}; retry after {RETRY_AFTER_S} s"})
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": _readable(exc)})
@@ -82,7 +119,7 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
         return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}: {exc}"})
 
     @app.get("/health")
-    def health() -> JSONResponse:
+    async def health() -> JSONResponse:
         ready = "service" in state
         body = HealthResponse(
             status="ok" if ready else "loading",
@@ -95,7 +132,7 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
     @app.post("/process")
     def process(req: ProcessRequest) -> ProcessResponse:
         svc = service()
-        with lock:
+        with gate.admit():
             outcome = svc.process(req)
         seconds = outcome.response.request_time
         log.info(
@@ -111,13 +148,13 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
     @app.post("/tokenize")
     def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         svc = service()
-        with lock:
+        with gate.admit():
             return svc.tokenize(req)
 
     @app.post("/decode")
     def decode(req: DecodeRequest) -> DecodeResponse:
         svc = service()
-        with lock:
+        with gate.admit():
             return svc.decode(req)
 
     return app

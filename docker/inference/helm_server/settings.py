@@ -100,6 +100,7 @@ class ServerSettings(_Strict):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     engine: Literal["hf"] = Field(default="hf", description="decode engine; faster engines plug in here")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_queue: int = Field(default=16, ge=0, description="requests that may wait for the model; more are answered 503")
 
 
 class Weights(_Strict):
