@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import time
 import uuid
@@ -44,17 +45,40 @@ def gpu_available() -> bool:
     return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
+# Validation runs the container as hardened as anyone might: root filesystem read-only, a tmpfs
+# at /tmp (executable: compiled kernels load from there) for everything the server writes.
+READ_ONLY = ["--read-only", "--tmpfs", "/tmp:rw,exec,nosuid,size=4g"]
+
+
 def run_args(image: str, name: str, mounts: Mounts, gpus: bool) -> list[str]:
-    args = ["run", "-d", "--name", name, "--network", "none", "--health-interval", "2s", "--health-start-period", "1200s"]
+    args = ["run", "-d", "--name", name, "--network", "none", "--health-interval", "2s", "--health-start-period", "1200s",
+            *READ_ONLY]
     if gpus:
         args += ["--gpus", "all"]
     return [*args, *mount_args(mounts), image]
 
 
+def unreadable(folder: Path) -> list[Path]:
+    """What the server's unprivileged user could not read in a mounted folder (dirs need a+rx, files a+r)."""
+    found = []
+    for path in [folder, *folder.rglob("*")]:
+        need = stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0)
+        if path.stat().st_mode & need != need:
+            found.append(path)
+    return found
+
+
 def mount_args(mounts: Mounts) -> list[str]:
-    """Read-only weight mounts; a mounted model without an adapter serves no adapter (the image's would not match)."""
+    """Read-only weight mounts; a mounted model without an adapter serves no adapter (the image's would not match).
+
+    The server runs as an unprivileged user: a folder it cannot read is refused here, with the fix."""
     if mounts.model is None:
         return []
+    for folder in (mounts.model, mounts.adapter):
+        bad = unreadable(folder) if folder is not None else []
+        if bad:
+            raise DockerError(f"{folder}: {len(bad)} entries (first {bad[0]}) are not readable by the container's "
+                              f"unprivileged user; make them readable: chmod -R a+rX {folder}")
     args = ["-v", f"{mounts.model.resolve()}:{MODELS_DIR}/artifact:ro"]
     if mounts.adapter is not None:
         return [*args, "-v", f"{mounts.adapter.resolve()}:{MODELS_DIR}/adapter:ro"]

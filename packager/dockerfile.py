@@ -16,6 +16,7 @@ from .base_images import BaseImage
 from .spec import Spec
 
 MODELS_DIR = "/models"
+SERVER_UID = 10001  # the server's user: never root
 WORKDIR = "/submission"
 
 
@@ -85,6 +86,13 @@ COPY serve_config.json main.py MANIFEST.json ./
 COPY helm_server/ ./helm_server/
 LABEL org.llm-challenge.toolkit="packager" org.llm-challenge.submission="{spec.name}"
 ENV {" ".join(env_models)}
+
+# 4. An unprivileged user. Whatever the server writes (kernel compile and JIT caches) goes under
+# /tmp, so the container also runs with a read-only root filesystem and a tmpfs at /tmp.
+RUN useradd --system --uid {SERVER_UID} --home-dir /tmp --shell /usr/sbin/nologin server
+ENV HOME=/tmp XDG_CACHE_HOME=/tmp/.cache TORCH_EXTENSIONS_DIR=/tmp/.cache/torch_extensions \\
+    TRITON_CACHE_DIR=/tmp/.cache/triton HF_HOME=/tmp/.cache/huggingface
+USER {SERVER_UID}
 
 EXPOSE {port}
 HEALTHCHECK --interval=30s --timeout=10s --start-period=1200s --retries=3 \\

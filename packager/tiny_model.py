@@ -82,10 +82,12 @@ def build_model(seed: int = 0):
 
 def save_tiny_model(directory: Path) -> Path:
     """Write model and tokenizer in Hugging Face format; return the directory."""
+    from pipeline.staging import readable
+
     directory.mkdir(parents=True, exist_ok=True)
     build_model().save_pretrained(directory)
     build_tokenizer().save_pretrained(directory)
-    return directory
+    return readable(directory)  # the container's server is not root
 
 
 def stand_in(folder: Path | None = None) -> Path:

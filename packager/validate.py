@@ -23,7 +23,7 @@ from . import budget as budget_mod
 from .build import build
 from .checks import PackagingError
 from .conformance import CheckResult
-from .container import Mounts, gpu_available, logs, peak_memory_bytes, running, wait_healthy
+from .container import Mounts, gpu_available, logs, mount_args, peak_memory_bytes, running, wait_healthy
 from .docker_cli import DockerError, find_docker
 from .image import CONTEXTS, build_image, prepare
 from .paths import DIST, REPO, SUBMISSIONS
@@ -83,6 +83,7 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
     spec = built.spec
     if model is None and offline:
         model = stand_in()
+    mount_args(Mounts(model=model, adapter=adapter))  # an unreadable mount is refused before any build
     estimate = budget_mod.check(spec, model)
     report.add("gpu budget", estimate.describe())
 
@@ -105,7 +106,7 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
     elif spec.adapter is not None and model is not None:
         report.add("adapter", f"NONE: the spec's adapter {spec.adapter.repo_id} is not served (a mounted model serves "
                               "without it); pass ADAPTER=dir to validate it")
-    report.add("run", f"--network none{', --gpus all' if gpus else ', CPU only'}")
+    report.add("run", f"--network none, --read-only (tmpfs /tmp), non-root{', --gpus all' if gpus else ', CPU only'}")
     step("starting the container (--network none) and waiting for /health")
     with running(docker, image.tag, mounts, gpus) as c:
         try:

@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Iterator
 
 
+def readable(root: Path) -> Path:
+    """Folders a+rx, files a+r: mkdtemp's 0700 and safetensors' 0600 would hide them from other users
+    (docker builds, and the inference container's unprivileged server)."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir():
+            os.chmod(path, 0o755)
+        elif path.is_file():
+            os.chmod(path, path.stat().st_mode | 0o444)
+    return root
+
+
 @contextmanager
 def staged_folder(dst: Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of `dst`; on success it replaces `dst`."""
@@ -24,8 +35,7 @@ def staged_folder(dst: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         yield staging
-        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-            os.chmod(folder, 0o755)  # mkdtemp's 0700 would hide the folder from other users (docker builds)
+        readable(staging)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(staging, dst)

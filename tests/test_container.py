@@ -78,10 +78,12 @@ def _scan_layer(data: bytes, name: str) -> None:
                 assert DUMMY_TOKEN.encode() not in layer.extractfile(member).read(), f"{name}:{member.name}"
 
 
-def test_container_is_sealed_off_with_a_read_only_model():
-    args = run_args("img:1", "c", Mounts(model=Path("/m")), gpus=False)
-    assert args[args.index("--network") + 1] == "none"
-    assert "/m:/models/artifact:ro" in args and "ADAPTER_PATH=none" in args
+def test_container_is_sealed_off_with_a_read_only_model(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    args = run_args("img:1", "c", Mounts(model=model), gpus=False)
+    assert args[args.index("--network") + 1] == "none" and "--read-only" in args
+    assert f"{model}:/models/artifact:ro" in args and "ADAPTER_PATH=none" in args
     assert "--gpus" in run_args("img:1", "c", Mounts(), gpus=True)
 
 
@@ -251,3 +253,31 @@ def test_an_unreachable_registry_shows_the_failing_lines_and_suggests_offline(tm
     msg = str(e.value)
     assert "its last lines" in msg and "registry.invalid" in msg and "OFFLINE=1" in msg
     assert (tmp_path / "ctx" / "submission-1.build.log").is_file()
+
+
+def test_the_server_runs_as_a_non_root_user_on_a_read_only_root_filesystem(tmp_path, tiny_model_dir):
+    """`make validate-N` runs the container --read-only with a tmpfs at /tmp; the server is not root."""
+    from packager.container import READ_ONLY
+    from packager.validate import validate
+
+    import shutil
+
+    docker, _ = _docker_or_skip()
+    tag = "llm-challenge-test/hardened:1"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    model.chmod(0o700)  # unreadable by the server's user: refused before any Docker work, with the fix
+    with pytest.raises(DockerError, match=r"chmod -R a\+rX"):
+        validate("submission-1", offline=True, model=model, adapter=None, timeout=300, dist=tmp_path / "dist",
+                 contexts=tmp_path / "ctx", tag=tag)
+    model.chmod(0o755)
+    try:
+        report = validate("submission-1", offline=True, model=model, adapter=None, timeout=300,
+                          dist=tmp_path / "dist", contexts=tmp_path / "ctx", tag=tag)
+        assert report.passed and "--read-only" in dict(report.lines)["run"]
+        user = docker.out("image", "inspect", "--format", "{{.Config.User}}", tag)
+        assert user == "10001"
+        who = docker.out("run", "--rm", *READ_ONLY, "--entrypoint", "sh", tag, "-c", "id -u; touch /x 2>&1 || echo ro")
+        assert who.splitlines()[0] == "10001" and who.splitlines()[-1] == "ro"
+    finally:
+        docker.run("rmi", "-f", tag, check=False)
