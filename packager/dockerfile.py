@@ -91,7 +91,8 @@ ENV {" ".join(env_models)}
 # /tmp, so the container also runs with a read-only root filesystem and a tmpfs at /tmp.
 RUN useradd --system --uid {SERVER_UID} --home-dir /tmp --shell /usr/sbin/nologin server
 ENV HOME=/tmp XDG_CACHE_HOME=/tmp/.cache TORCH_EXTENSIONS_DIR=/tmp/.cache/torch_extensions \\
-    TRITON_CACHE_DIR=/tmp/.cache/triton HF_HOME=/tmp/.cache/huggingface
+    TRITON_CACHE_DIR=/tmp/.cache/triton HF_HOME=/tmp/.cache/huggingface \\
+    GPTQMODEL_CACHE_DIR=/tmp/.cache/gptqmodel GPTQMODEL_TORCH_EXTENSIONS_DIR=/tmp/.cache/gptqmodel/torch_extensions
 USER {SERVER_UID}
 
 EXPOSE {port}
