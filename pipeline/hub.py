@@ -54,3 +54,8 @@ def dataset_files(repo_id: str, revision: str, pattern: str, data_dir: Path | No
     if not files:
         raise SourceError(f"no {pattern} under {root} ({where}); expected the dataset repo's files as on the Hub")
     return files
+
+
+def weights_fingerprint(folder: Path) -> list:
+    """A model folder's weight and config files with their sizes: cheap identity for a local copy."""
+    return sorted([p.name, p.stat().st_size] for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))

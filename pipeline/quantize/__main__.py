@@ -16,7 +16,7 @@ from packager.spec import SpecError
 from ..cli import check_local_inputs, spec_with, stage_parser
 from ..convert import ConvertError, as_qwen2
 from ..device import emulate_4090
-from ..hub import SourceError, dataset_files, model_folder
+from ..hub import SourceError, dataset_files, model_folder, weights_fingerprint
 from ..staging import staged_folder, write_json
 from .calibration import calibration_windows, heldout_windows, split_text, windows_sha256
 from .plan import LayerShape, project
@@ -38,10 +38,6 @@ def split_token_ids(cal, split: str, tokenizer, data_dir: Path | None) -> list[i
     """One split of the calibration dataset, joined as the reference joined it, tokenized once."""
     files = dataset_files(cal.dataset, cal.revision, parquet_pattern(cal.config, split), data_dir)
     return tokenizer(split_text(files, cal.text_field), add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def weights_fingerprint(folder: Path) -> list:
-    return sorted([p.name, p.stat().st_size] for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
 
 
 def inputs_sha256(spec, base: Path, local: bool, calibration: str, heldout: str) -> str:

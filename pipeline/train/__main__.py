@@ -19,8 +19,9 @@ from packager.paths import REPO
 from packager.spec import SpecError
 
 from ..cli import spec_with
-from ..hub import SourceError, model_folder
+from ..hub import SourceError, model_folder, weights_fingerprint
 from ..staging import staged_folder, write_json
+from ..data.__main__ import DATA
 from . import checkpoint, curves, plan
 from .checkpoint import CheckpointError, Position
 from .loop import StepResult, make_optimizer, make_scheduler, probe, train
@@ -28,7 +29,6 @@ from .model import ModelError, add_lora, load_base, trainable_parameters, weight
 from .schedule import optimizer_steps
 
 TRAIN = REPO / "build" / "train"
-DATA = REPO / "build" / "data"
 VERSIONS = ("torch", "transformers", "peft", "gptqmodel", "lion-pytorch", "bitsandbytes")
 
 
@@ -70,8 +70,7 @@ def pad_token_id(folder: Path, token: str, eos_ids: list[int]) -> int:
 def run_id(spec, data_sha: str, base: Path) -> str:
     """What a checkpoint must share to be resumed: recipe (without checkpoint cadence), data, base weights."""
     recipe = spec.training.model_dump(mode="json", exclude={"checkpoints", "data", "template"})
-    weights = sorted([p.name, p.stat().st_size] for p in base.iterdir() if p.suffix in (".safetensors", ".json"))
-    blob = json.dumps({"recipe": recipe, "data": data_sha, "base": weights}, sort_keys=True)
+    blob = json.dumps({"recipe": recipe, "data": data_sha, "base": weights_fingerprint(base)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -100,7 +99,6 @@ class Progress:
         kept = [r for r in curves.read_log(self.log) if r["step"] <= position.step]  # drop steps after the checkpoint
         self.log.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.bar = tqdm(total=total, initial=position.step, unit="step", dynamic_ncols=True, file=sys.stderr)
-        self.last: StepResult | None = None
 
     def __call__(self, position: Position, result: StepResult) -> None:
         import torch
@@ -119,7 +117,6 @@ class Progress:
         self.bar.update(1)
         if result.end_of_epoch or position.step % self.cfg.every == 0 or position.step == self.total:
             checkpoint.save(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, position, self.rid, self.cfg.keep)
-        self.last = result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     pad_id = pad_token_id(base, training.schedule.pad_token, spec.generation.eos_token_ids)
     rid = run_id(spec, data_sha, base)
     record = out / "run.json"
-    if record.is_file() and json.loads(record.read_text()).get("run_id") == rid and json.loads(record.read_text()).get("finished"):
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    if previous.get("run_id") == rid and previous.get("finished"):
         print(f"{out / 'adapter'} is up to date (same recipe, data and base): nothing to train")
         return 0
     resume = checkpoint.latest(out / "checkpoints", rid)
@@ -155,21 +153,22 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(s.seed)
     model = add_lora(load_base(base, device, dtype), training.lora, s.gradient_checkpointing, spec.artifact.repo_id)
     params = [p for _, p in trainable_parameters(model)]
+    trainable = sum(p.numel() for p in params)
     optimizer = make_optimizer(params, training.optimizer, device)
     scheduler = make_scheduler(optimizer, total, s)
     print(f"{spec.name}: LoRA r={training.lora.r} on {training.lora.resolved()}: "
-          f"{sum(p.numel() for p in params):,} trainable parameters; {total} optimizer steps on {device}", flush=True)
+          f"{trainable:,} trainable parameters; {total} optimizer steps on {device}", flush=True)
 
     # 3. fresh start: measure, project onto one RTX 4090, refuse over budget; resume: restore everything
     if resume is None:
         measured = probe(model, examples, s, pad_id, device)
         cfg = model.config
         total_tokens = s.epochs * sum(len(e["input_ids"]) for e in examples)
-        estimated = plan.estimate_memory(weight_bytes(model), sum(p.numel() for p in params),
+        estimated = plan.estimate_memory(weight_bytes(model), trainable,
                                          plan.STATE_BYTES[training.optimizer.name], cfg.num_hidden_layers,
                                          cfg.hidden_size, cfg.vocab_size, measured.longest)
         projected = plan.project(measured, examples=len(examples), epochs=s.epochs, steps=total, total_tokens=total_tokens,
-                                 parameters=sum(p.numel() for p in model.parameters()), trainable=sum(p.numel() for p in params),
+                                 parameters=sum(p.numel() for p in model.parameters()), trainable=trainable,
                                  optimizer=training.optimizer.name, estimated_bytes=estimated)
         for line in projected.lines():
             print(line, flush=True)
