@@ -23,13 +23,16 @@ MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAP
 .PHONY: prune local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
 # Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data, train), DRY_RUN=1,
-# BUDGET=ignore (quantize, train), STEPS=n (train), SUBMISSIONS=dir (data, train: specs from another folder).
+# BUDGET=ignore (quantize, train, humpback), STEPS=n (train), PASSAGES=n (humpback), HUMPBACK=dir (data, train:
+# make humpback-N's curated/ folder when OUT moved it), SUBMISSIONS=dir (model stages: specs from another folder).
 SRC      ?=
 OUT      ?=
 DATA_DIR ?=
 DRY_RUN  ?=
 BUDGET   ?=
 STEPS    ?=
+PASSAGES ?=
+HUMPBACK ?=
 SUBMISSIONS ?=
 SUBS_FLAG      := $(if $(SUBMISSIONS),--submissions $(SUBMISSIONS))
 # Per-submission targets take any spec name: `make validate-mine` for submissions/mine/spec.toml,
@@ -41,11 +44,15 @@ PORT ?=
 refuse = $(if $(strip $(foreach v,$(1),$($(v)))),$(error $(foreach v,$(1),$(if $($(v)),$(v)=$($(v)))) has no meaning for $@: $(2)))
 DIST_FLAG := $(if $(DIST),--dist $(DIST))
 name = $(if $(wildcard $(SUBS_DIR)/$(1)/spec.toml),$(1),submission-$(1))
-DATA_FLAGS     := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT))
+DATA_FLAGS     := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
+                  $(if $(HUMPBACK),--humpback $(HUMPBACK))
+HUMPBACK_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
+                  $(if $(PASSAGES),--passages $(PASSAGES)) $(if $(filter ignore,$(BUDGET)),--budget ignore)
 QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)) \
                   $(if $(call yes,$(DRY_RUN)),--dry-run) $(if $(filter ignore,$(BUDGET)),--budget ignore)
 # make train-N: the data stage first (into OUT/data when OUT is given), then training.
-TRAIN_DATA_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)/data)
+TRAIN_DATA_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)/data) \
+                    $(if $(HUMPBACK),--humpback $(HUMPBACK))
 TRAIN_FLAGS      := $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT) --data $(OUT)/data) \
                     $(if $(STEPS),--steps $(STEPS)) $(if $(filter ignore,$(BUDGET)),--budget ignore)
 
@@ -56,7 +63,7 @@ local-inputs:
 	done
 
 help: ## list the targets
-	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n]"
+	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n] [PASSAGES=n]"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
@@ -109,6 +116,12 @@ data-%: $(STAMP) ## submission-N's [[training.data]] -> build/data/submission-N/
 train-%: $(STAMP) ## data-N if needed, then QLoRA -> build/train/submission-N/adapter/; run again to resume
 	$(PY) -m pipeline.data $(call name,$*) $(SUBS_FLAG) $(TRAIN_DATA_FLAGS)
 	$(PY) -m pipeline.train $(call name,$*) $(SUBS_FLAG) $(TRAIN_FLAGS)
+
+humpback-%: $(STAMP) ## Humpback self-augmentation -> build/humpback/submission-N/curated/ (read by data-N); run again to resume
+	$(PY) -m pipeline.humpback $(call name,$*) $(SUBS_FLAG) $(HUMPBACK_FLAGS)
+
+publish-humpback-%: $(STAMP) ## upload build/humpback/submission-N/curated/ to the humpback source's dataset repo (HF_TOKEN)
+	$(PY) -m pipeline.publish $(call name,$*) $(SUBS_FLAG) --humpback $(if $(OUT),--curated $(OUT)/curated)
 
 train-bundle-%: $(STAMP) ## the training reproduction bundle -> dist/submission-N-train.zip (Dockerfile, code, spec)
 	$(PY) -m packager.train_bundle $(call name,$*) $(SUBS_FLAG) $(DIST_FLAG)

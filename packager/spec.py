@@ -34,6 +34,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _fields(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
 # --- quantization -----------------------------------------------------------------
 
 
@@ -147,6 +151,7 @@ class Oasst1(_Source):
     reply_rank: int = 0
     parent: Literal["root"] = "root"
     drop_if_mentions: list[str] = ["open assist", "open-assist", "chatgpt", "laion"]
+    limit: int | None = Field(default=None, gt=0, description="the first N kept pairs, in file order")
 
 
 class Lima(_Source):
@@ -175,6 +180,91 @@ class Humpback(_Source):
     limit: int | None = Field(default=None, gt=0)
 
 
+# --- Humpback self-augmentation (make humpback-N) -------------------------------------
+
+
+class Unlabelled(_Strict):
+    """Web text to turn into instructions: C4's English shards as on the Hub (`en/c4-train.NNNNN-of-01024.json.gz`)."""
+
+    repo_id: str = Field(default="allenai/c4", min_length=1)
+    revision: str = Field(default="main", min_length=1)
+    config: str = Field(default="en", min_length=1)
+    files: int = Field(default=1, gt=0, le=1024, description="train shards read, from 00000 on (about 356,000 documents each)")
+
+    def pattern(self, index: int) -> str:
+        return f"{self.config}/c4-train.{index:05d}-of-01024.json.gz"
+
+
+class Sampling(_Strict):
+    """Nucleus sampling for the backward model's instructions (the paper's T 0.7, p 0.9; no top-k)."""
+
+    temperature: float = Field(default=0.7, gt=0, le=2)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_new_tokens: int = Field(default=128, gt=0)
+    seed: int = 0
+
+
+class Rating(_Strict):
+    """Self-curation: the seed model rates each pair, greedily, ending with a `Score: N` line."""
+
+    prompt_file: str = Field(default="humpback_rating.txt", min_length=1,
+                             description="in the spec's folder; {instruction} and {answer} placeholders")
+    max_new_tokens: int = Field(default=256, gt=0)
+    threshold: int = Field(default=5, ge=1, le=5, description="keep pairs rated at least this (the paper's best: 5)")
+
+
+class BackwardTemplate(_Strict):
+    """The backward model's text: a web passage (no loss), then the instruction it answers (loss)."""
+
+    system: str = "Write the request that the following text answers.\n\n"
+    prompt: str = "\nANSWER: {output}\nQUESTION: "
+    answer: str = "{instruction}\n"
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "BackwardTemplate":
+        if _fields(self.prompt) != {"output"} or _fields(self.answer) != {"instruction"} or _fields(self.system):
+            raise ValueError("backward_template: prompt takes {output} only, answer {instruction} only, system none")
+        return self
+
+
+class HumpbackSeed(_Strict):
+    """The seed pairs: first-turn, rank-0, English oasst1 (the paper's 3,200)."""
+
+    repo_id: str = "OpenAssistant/oasst1"
+    revision: str = Field(default="main", min_length=1)
+    splits: list[str] = Field(default=["train", "validation"], min_length=1)
+    language: str = "en"
+    reply_rank: int = 0
+    drop_if_mentions: list[str] = []
+    limit: int = Field(default=3200, gt=0)
+
+    def as_source(self) -> Oasst1:
+        return Oasst1(source="oasst1", **self.model_dump())
+
+
+class HumpbackStage(_Strict):
+    """`make humpback-N`: backward model, instructions for web passages, self-curation by the seed model."""
+
+    seed: HumpbackSeed = HumpbackSeed()
+    unlabelled: Unlabelled = Unlabelled()
+    passages: int = Field(gt=0, description="web passages given an instruction (after dedup and length filter)")
+    min_chars: int = Field(default=400, gt=0)
+    max_chars: int = Field(default=4000, gt=0)
+    seed_epochs: int = Field(default=1, gt=0, description="epochs of the backward and seed models (else as [training.schedule])")
+    iterations: Literal[1, 2] = Field(default=1, description="2: re-rate with M1 (seed + the first curated set)")
+    batch_size: int = Field(default=16, gt=0, description="sequences generated together")
+    shard_size: int = Field(default=256, gt=0, description="passages per shard: a killed run loses at most one")
+    generate: Sampling = Sampling()
+    rating: Rating = Rating()
+    backward_template: BackwardTemplate = BackwardTemplate()
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "HumpbackStage":
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} must be below max_chars {self.max_chars}")
+        return self
+
+
 DataSource = Annotated[Union[Oasst1, Lima, Arc, Humpback], Field(discriminator="source")]
 SourceName = Literal["oasst1", "lima", "arc", "humpback"]
 
@@ -185,10 +275,6 @@ ROUND_FIELDS: dict[str, set[str]] = {
     "humpback": {"prompt", "answer"},
     "arc": {"question", "choices", "answerKey"},
 }
-
-
-def _fields(text: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
 
 
 class SourceTemplate(_Strict):
@@ -243,6 +329,7 @@ class Training(_Strict):
     checkpoints: Checkpoints = Checkpoints()
     template: Template
     data: list[DataSource] = Field(min_length=1)
+    humpback: HumpbackStage | None = None
 
     @model_validator(mode="after")
     def _one_table_per_source(self) -> "Training":
@@ -252,6 +339,11 @@ class Training(_Strict):
             raise ValueError(f"[[training.data]] declares {', '.join(twice)} more than once; merge the tables")
         for name in names:
             self.template.check(name)
+        if self.humpback is not None and "humpback" not in names:
+            raise ValueError("[training.humpback] makes a data set that no [[training.data]] table reads: "
+                             'add one with source = "humpback" (or remove the section)')
+        if self.humpback is not None:
+            self.template.check("oasst1")  # the seed model is trained and prompted with oasst1's template
         return self
 
 
@@ -402,4 +494,25 @@ def spec_path(submissions_dir: Path, name: str) -> Path:
 def load_spec(path: Path) -> tuple[Spec, str]:
     """Parse and validate a spec file; return it with the sha256 of its bytes."""
     data = Path(path).read_bytes()
-    return parse_spec(Path(path), data.decode("utf-8")), hashlib.sha256(data).hexdigest()
+    spec = parse_spec(Path(path), data.decode("utf-8"))
+    rating_prompt(spec, Path(path).parent)
+    return spec, hashlib.sha256(data).hexdigest()
+
+
+def rating_prompt(spec: Spec, folder: Path) -> str | None:
+    """The Humpback rating prompt, a text file beside the spec (so a team edits it as text); None without one."""
+    hb = spec.training.humpback if spec.training else None
+    if hb is None:
+        return None
+    path = folder / hb.rating.prompt_file
+    if not path.is_file():
+        raise SpecError(f"{folder / SPEC_FILE}: [training.humpback.rating] prompt_file: no {path}; "
+                        "write the rating prompt there (placeholders {instruction} and {answer})")
+    text = path.read_text(encoding="utf-8")
+    try:
+        found = _fields(text)
+    except ValueError as e:
+        raise SpecError(f"{path}: {e} (write a literal brace as {{{{ or }}}})") from None
+    if found != {"instruction", "answer"}:
+        raise SpecError(f"{path}: the rating prompt must use exactly {{instruction}} and {{answer}}, it uses {sorted(found)}")
+    return text

@@ -100,8 +100,9 @@ def stand_in(folder: Path | None = None) -> Path:
     return folder
 
 
-def save_tiny_gptq(directory: Path, seed: int = 0) -> Path:
-    """The tiny model quantized to 8-bit GPTQ (group 32) by the quantize stage's own GPTQModel run.
+def save_tiny_gptq(directory: Path, seed: int = 0, model=None) -> Path:
+    """The tiny model (or `model`, one of its shape) quantized to 8-bit GPTQ (group 32) by the quantize
+    stage's own GPTQModel run.
 
     Calibration is random token windows: the point is a real GPTQ artifact in the
     layout `make quantize-N` writes, small enough to serve on a CPU.
@@ -119,6 +120,8 @@ def save_tiny_gptq(directory: Path, seed: int = 0) -> Path:
     windows = torch.randint(0, 600, (4, 64), generator=g).tolist()
     with tempfile.TemporaryDirectory(prefix="tiny-fp-") as tmp, staged_folder(directory) as staged:
         save_tiny_model(Path(tmp))
+        if model is not None:
+            model.save_pretrained(tmp)
         run_gptq(Path(tmp), staged, Quantization(bits=8, group_size=32), windows, torch.device("cpu"), Path(tmp) / "logs")
     return directory
 

@@ -41,7 +41,8 @@ def _sources(name: str, folder: Path) -> dict[str, bytes]:
     }
 
 
-def render(spec: Spec, spec_sha256: str, spec_text: bytes) -> dict[str, bytes]:
+def render(spec: Spec, spec_sha256: str, spec_files: dict[str, bytes]) -> dict[str, bytes]:
+    """`spec_files`: the spec folder's files by name (spec.toml, and a text file it names, e.g. a rating prompt)."""
     if spec.training is None:
         raise SpecError(f"{spec.name}: the spec has no [training] section; there is no training to bundle")
     base = base_image(spec.image.base)
@@ -57,7 +58,7 @@ def render(spec: Spec, spec_sha256: str, spec_text: bytes) -> dict[str, bytes]:
         "Dockerfile": (TRAIN_DIR / "Dockerfile.template").read_text().format(**fields).encode(),
         "README.md": (TRAIN_DIR / "README.template.md").read_text().format(**fields).encode(),
         "requirements.txt": (TRAIN_DIR / "requirements.lock").read_bytes(),
-        f"submissions/{spec.name}/spec.toml": spec_text,
+        **{f"submissions/{spec.name}/{name}": data for name, data in sorted(spec_files.items())},
     }
     for name, folder in CODE.items():
         files.update(_sources(name, folder))
@@ -68,7 +69,9 @@ def render(spec: Spec, spec_sha256: str, spec_text: bytes) -> dict[str, bytes]:
 
 def build(spec_file: Path, dist: Path) -> Path:
     spec, sha = load_spec(spec_file)
-    files = render(spec, sha, spec_file.read_bytes())
+    named = [spec.training.humpback.rating.prompt_file] if spec.training and spec.training.humpback else []
+    files = render(spec, sha, {spec_file.name: spec_file.read_bytes(),
+                               **{n: (spec_file.parent / n).read_bytes() for n in named}})
     top = f"{spec.name}-train"
     entries = {f"{top}/{path}": data for path, data in files.items()}
     checks.check(entries, checks.COMMON_RULES, what="the training bundle")

@@ -2,6 +2,7 @@
 
     python -m pipeline.publish NAME [--artifact DIR]       # -> the spec's [artifact] repo
     python -m pipeline.publish NAME --train [--run DIR]    # the adapter of a finished run -> [adapter] repo
+    python -m pipeline.publish NAME --humpback [--curated DIR]   # make humpback-N's set -> the humpback source's repo
 
 The token comes from HF_TOKEN and goes only to the Hub client. Only finished
 artifacts go up: the folder must hold the quantize stage's report.json and
@@ -20,6 +21,7 @@ from packager.paths import REPO, SUBMISSIONS
 
 ARTIFACTS = REPO / "build" / "artifacts"
 TRAIN = REPO / "build" / "train"
+HUMPBACK = REPO / "build" / "humpback"
 REQUIRED = ("config.json", "report.json", "quantize.json")
 
 
@@ -63,13 +65,30 @@ def adapter_upload(run: Path, staging: Path) -> Path:
     return staging
 
 
-def publish(repo_id: str, folder: Path, token: str, message: str) -> str:
+def check_curated(folder: Path) -> None:
+    """Only a finished Humpback set goes up: its card and parquet files (written together, at the end)."""
+    if not (folder / "README.md").is_file() or not list(folder.glob("data/train-*.parquet")):
+        raise PublishError(f"{folder} is not a finished curated set (README.md, data/train-*.parquet): "
+                           "run `make humpback-N` first (or pass OUT=dir)")
+
+
+def humpback_repo(spec) -> str:
+    sources = [d for d in (spec.training.data if spec.training else []) if d.source == "humpback"]
+    if not sources:
+        raise PublishError(f"{spec.name} reads no humpback data source: nothing names the dataset repo")
+    if Path(sources[0].repo_id).is_dir():
+        raise PublishError(f"{spec.name}'s humpback source is the local folder {sources[0].repo_id}: name a Hub "
+                           "dataset repo id there to publish to")
+    return sources[0].repo_id
+
+
+def publish(repo_id: str, folder: Path, token: str, message: str, repo_type: str = "model") -> str:
     """Create the repo if needed, upload the folder as one commit, return the commit hash."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=True, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+    api.create_repo(repo_id, repo_type=repo_type, private=True, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message, repo_type=repo_type)
     return info.oid
 
 
@@ -80,10 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, help="default build/artifacts/NAME")
     p.add_argument("--train", action="store_true", help="publish the trained adapter to the spec's [adapter] repo")
     p.add_argument("--run", type=Path, help="the training run folder (default build/train/NAME)")
+    p.add_argument("--humpback", action="store_true", help="publish make humpback-N's curated set to the humpback source's repo")
+    p.add_argument("--curated", type=Path, help="the curated folder (default build/humpback/NAME/curated)")
     args = p.parse_args(argv)
     try:
         spec, _ = load_spec(spec_path(Path(args.submissions), args.name))
-        if args.train:
+        if args.humpback:
+            folder, section, repo_id = args.curated or HUMPBACK / spec.name / "curated", None, humpback_repo(spec)
+            check_curated(folder)
+        elif args.train:
             if spec.adapter is None or spec.training is None:
                 raise PublishError(f"{spec.name} has no [training] and [adapter] sections: nothing to publish")
             folder, section, repo_id = args.run or TRAIN / spec.name, "adapter", spec.adapter.repo_id
@@ -94,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         token = os.environ.get("HF_TOKEN", "").strip()
         if not token:
             raise PublishError("HF_TOKEN is not set: export a Hub token with write access to " + repo_id)
-        if args.train:
+        if args.humpback:
+            commit = publish(repo_id, folder, token, f"{spec.name}: Humpback curated set from make humpback", "dataset")
+        elif args.train:
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="adapter-upload-") as tmp:
@@ -105,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"uploaded {folder} to {repo_id} at commit {commit}")
-    print(f'pin it in submissions/{spec.name}/spec.toml: [{section}] revision = "{commit}"')
+    where = f"[{section}]" if section else 'the [[training.data]] table with source = "humpback":'
+    print(f'pin it in submissions/{spec.name}/spec.toml: {where} revision = "{commit}"')
     return 0
 
 

@@ -117,3 +117,51 @@ def save_chat_datasets(data_dir: Path) -> Path:
         _write_parquet(data_dir / f"allenai/ai2_arc/ARC-Challenge/{split}-00000-of-00001.parquet", rows)
     _write_parquet(data_dir / f"{HUMPBACK_REPO}/data/train-00000-of-00001.parquet", HUMPBACK)
     return data_dir
+
+
+C4_REPO = "allenai/c4"
+
+
+def c4_documents(n: int, seed: int = 0) -> list[dict]:
+    """C4-shaped documents: mostly passages of a few hundred characters, plus a duplicate (differing
+    only in case and spacing), a too-short and a too-long one early on, for the filters to drop."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(60, 110)))
+        docs.append({"text": f"Passage {i}. {words.capitalize()}.", "timestamp": "2019-04-25T12:57:54Z",
+                     "url": f"https://example.org/{i}"})
+    docs.insert(1, {"text": "  " + docs[0]["text"].upper().replace(" ", "  ") + " ", "timestamp": "2019-04-25T12:57:54Z",
+                    "url": "https://example.org/copy"})
+    docs.insert(2, {"text": "Too short.", "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.org/short"})
+    docs.insert(3, {"text": "long " * 2000, "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.org/long"})
+    return docs
+
+
+def save_c4(data_dir: Path, documents: int = 60, files: int = 1) -> Path:
+    """DATA_DIR/allenai/c4/en/c4-train.NNNNN-of-01024.json.gz: gzipped JSON lines, as on the Hub."""
+    import gzip
+    import json as _json
+
+    folder = data_dir / C4_REPO / "en"
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        with gzip.open(folder / f"c4-train.{f:05d}-of-01024.json.gz", "wt", encoding="utf-8") as out:
+            for doc in c4_documents(documents, seed=f):
+                out.write(_json.dumps(doc) + "\n")
+    return data_dir
+
+
+RATED_SEED_REPO = "tiny/oasst1-rated"
+
+
+def save_rated_seed(data_dir: Path, pairs: int = 8) -> Path:
+    """An oasst1-layout seed set whose every reply ends in `Score: 5`: a tiny seed model trained on it
+    rates like a real one would format its verdict, so the whole Humpback pipeline runs on a CPU."""
+    rows = []
+    for i in range(pairs):
+        rows.append(_message(f"q{i}", None, f"Question {i}: what does passage {i} say?"))
+        rows.append(_message(f"a{i}", f"q{i}", "Score: 5", rank=0.0))
+    _write_parquet(data_dir / f"{RATED_SEED_REPO}/data/train-00000-of-00001.parquet", rows[:-4])
+    _write_parquet(data_dir / f"{RATED_SEED_REPO}/data/validation-00000-of-00001.parquet", rows[-4:])
+    return data_dir

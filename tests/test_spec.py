@@ -198,6 +198,8 @@ def _broken(tmp_path: Path, n: int, *edits: tuple[str, str]) -> Path:
     path = tmp_path / f"submission-{n}" / "spec.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    for extra in (SPECS / f"submission-{n}").glob("*.txt"):  # files the spec names (a rating prompt)
+        (path.parent / extra.name).write_bytes(extra.read_bytes())
     return path
 
 

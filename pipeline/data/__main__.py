@@ -21,6 +21,7 @@ from .template import loss_spans, render
 from .tokenize import Example, tokenize
 
 DATA = REPO / "build" / "data"
+HUMPBACK = REPO / "build" / "humpback"  # make humpback-N's output: NAME/curated/
 MANIFEST = "manifest.json"
 
 
@@ -37,8 +38,22 @@ def load_tokenizer(spec, local: Path | None):
     return tokenizer, fingerprint
 
 
-def source_files(cfg, data_dir: Path | None):
-    """The Hub files a source reads (per split where it reads several), local or downloaded."""
+def curated_folder(name: str, given: Path | None) -> Path | None:
+    """make humpback-N's curated set: HUMPBACK=dir when given, else build/humpback/NAME/curated/ when there."""
+    if given is not None:
+        if not (given / "data").is_dir():
+            raise SourceError(f"HUMPBACK={given}: no data/ folder there; point it at `make humpback-N`'s curated/ folder")
+        return given
+    default = HUMPBACK / name / "curated"
+    return default if (default / "data").is_dir() else None
+
+
+def source_files(cfg, data_dir: Path | None, curated: Path | None = None):
+    """The Hub files a source reads (per split where it reads several), local or downloaded.
+
+    The humpback source reads, in order: the Humpback stage's curated set, a local folder named as
+    its repo_id, DATA_DIR/<repo_id>, the Hub.
+    """
     files = lambda pattern: dataset_files(cfg.repo_id, cfg.revision, pattern, data_dir)  # noqa: E731
     if cfg.source == "oasst1":
         return {split: files(oasst1.pattern(split)) for split in cfg.splits}
@@ -46,8 +61,9 @@ def source_files(cfg, data_dir: Path | None):
         return {split: files(arc.pattern(cfg.subset, split)) for split in cfg.splits}
     if cfg.source == "lima":
         return files(lima.pattern(cfg.split))
-    local = Path(cfg.repo_id)
+    local = curated or Path(cfg.repo_id)
     if local.is_dir():  # the Humpback stage's own output folder
+        print(f"humpback: reading {local} (the Humpback stage's curated set)", flush=True)
         found = sorted(local.glob(humpback.pattern(cfg.split)))
         if not found:
             raise SourceError(f"humpback: no {humpback.pattern(cfg.split)} in {local}")
@@ -107,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. the tokenizer and every source's files (local copies or downloads)
     tokenizer, fingerprint = load_tokenizer(spec, args.model)
-    files = {cfg.source: source_files(cfg, args.data_dir) for cfg in training.data}
+    curated = curated_folder(spec.name, args.humpback)
+    files = {cfg.source: source_files(cfg, args.data_dir, curated) for cfg in training.data}
     hashes = {f: file_sha256(f) for fs in files.values() for f in flat(fs)}
     key = cache_key(training, hashes, fingerprint)
     previous = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
@@ -140,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("python -m pipeline.data", __doc__, "local model folder for the tokenizer (default: the base model's)",
                      "output folder (default build/data/NAME)")
+    p.add_argument("--humpback", type=Path, help="make humpback-N's curated/ folder (default build/humpback/NAME/curated "
+                   "when it exists)")
     args = p.parse_args(argv)
     try:
         check_local_inputs(args)

@@ -3,7 +3,7 @@
 Files: `data/{split}-*.parquet`; the splits are read in the spec's order and
 concatenated. A root prompt is a message without `parent_id`. A pair is dropped
 when the reply or its root prompt mentions (case-insensitive) any of
-`drop_if_mentions`.
+`drop_if_mentions`. With `limit`, the first N kept pairs in file order.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def load(cfg, files_by_split: dict[str, list[Path]]) -> Loaded:
             loaded.drop("reply mentions a blocked word")
         elif any(w in roots[row["parent_id"]]["text"].lower() for w in blocked):
             loaded.drop("root prompt mentions a blocked word")
+        elif cfg.limit is not None and len(loaded.conversations) >= cfg.limit:
+            loaded.drop(f"past limit {cfg.limit}")
         else:
             loaded.conversations.append([{"prompt": roots[row["parent_id"]]["text"], "answer": row["text"]}])
             loaded.rows_used += 1

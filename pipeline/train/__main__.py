@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -67,9 +68,9 @@ def pad_token_id(folder: Path, token: str, eos_ids: list[int]) -> int:
     return ids[0]
 
 
-def run_id(spec, data_sha: str, base: Path) -> str:
+def run_id(training, data_sha: str, base: Path) -> str:
     """What a checkpoint must share to be resumed: recipe (without checkpoint cadence), data, base weights."""
-    recipe = spec.training.model_dump(mode="json", exclude={"checkpoints", "data", "template"})
+    recipe = training.model_dump(mode="json", exclude={"checkpoints", "data", "template", "humpback"})
     blob = json.dumps({"recipe": recipe, "data": data_sha, "base": weights_fingerprint(base)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -120,34 +121,60 @@ class Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from helm_server.hf_engine import pick_device
-
     from ..convert import as_qwen2
-    from ..device import emulate_4090
 
     spec, spec_sha, training = spec_with(args, "training", "train")
     out = args.out or TRAIN / spec.name
     data = args.data or DATA / spec.name
 
-    # 1. the data set (the data stage's output) and the base model (the quantized artifact, Qwen2 layout)
+    # the data set (the data stage's output) and the base model (the quantized artifact, Qwen2 layout)
     examples, data_sha = read_data(data, spec.name)
     base = as_qwen2(model_folder(spec.artifact.repo_id, spec.artifact.revision, args.model), out / "work")
+    train_adapter(spec, spec_sha, training, examples, data_sha, base, out, Options.of(args))
+    return 0
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a run is driven, apart from the recipe: the trainer's switches (also set by the Humpback stage)."""
+
+    steps: int | None = None
+    budget: str | None = None
+    device: str = "auto"
+    emulate_4090: bool = False
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "Options":
+        return cls(args.steps, args.budget, args.device, args.emulate_4090)
+
+
+def train_adapter(spec, spec_sha: str, training, examples: list[dict], data_sha: str, base: Path, out: Path,
+                  options: Options = Options(), plan_only: bool = False):
+    """Train `training`'s LoRA on `examples` into `out` (resuming there); True once finished.
+
+    With `plan_only`, measure and return the 4090 projection (a `plan.Plan`) and train nothing:
+    the Humpback stage sums its seed models' plans before it starts any of them.
+    """
+    import torch
+
+    from helm_server.hf_engine import pick_device
+
+    from ..device import emulate_4090
+
     pad_id = pad_token_id(base, training.schedule.pad_token, spec.generation.eos_token_ids)
-    rid = run_id(spec, data_sha, base)
+    rid = run_id(training, data_sha, base)
     record = out / "run.json"
     previous = json.loads(record.read_text()) if record.is_file() else {}
-    if previous.get("run_id") == rid and previous.get("finished"):
+    if previous.get("run_id") == rid and previous.get("finished") and not plan_only:
         print(f"{out / 'adapter'} is up to date (same recipe, data and base): nothing to train")
-        return 0
-    resume = checkpoint.latest(out / "checkpoints", rid)
+        return True
+    resume = None if plan_only else checkpoint.latest(out / "checkpoints", rid)
 
-    # 2. model, LoRA, optimizer, schedule over the true number of optimizer steps
+    # 1. model, LoRA, optimizer, schedule over the true number of optimizer steps
     s = training.schedule
     total = optimizer_steps(len(examples), s.epochs, s.batch_size, s.gradient_accumulation)
-    device = pick_device(args.device)
-    if args.emulate_4090 and device.type == "cuda":
+    device = pick_device(options.device)
+    if options.emulate_4090 and device.type == "cuda":
         emulate_4090(device, plan.cards()["target"]["memory_gib"])
     dtype = torch.float16 if spec.artifact.dtype == "auto" else getattr(torch, spec.artifact.dtype)
     torch.manual_seed(s.seed)
@@ -159,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{spec.name}: LoRA r={training.lora.r} on {training.lora.resolved()}: "
           f"{trainable:,} trainable parameters; {total} optimizer steps on {device}", flush=True)
 
-    # 3. fresh start: measure, project onto one RTX 4090, refuse over budget; resume: restore everything
+    # 2. fresh start: measure, project onto one RTX 4090, refuse over budget; resume: restore everything
     if resume is None:
         measured = probe(model, examples, s, pad_id, device)
         cfg = model.config
@@ -172,23 +199,25 @@ def run(args: argparse.Namespace) -> int:
                                  optimizer=training.optimizer.name, estimated_bytes=estimated)
         for line in projected.lines():
             print(line, flush=True)
+        if plan_only:
+            return projected
         write_json(out / "plan.json", {"submission": spec.name, "probe": measured.__dict__, **projected.to_json()})
-        plan.check(projected, args.budget, out / "plan.json")
+        plan.check(projected, options.budget, out / "plan.json")
         position = Position()
     else:
         position = checkpoint.load(resume, model, optimizer, scheduler)
         print(f"resuming from {resume} (step {position.step} of {total}, epoch {position.epoch + 1})", flush=True)
 
-    # 4. train, checkpointing as it goes
+    # 3. train, checkpointing as it goes
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
     progress = Progress(out, total, position, model, optimizer, scheduler, training.checkpoints, rid, device)
     started = time.perf_counter()
-    stop_at = None if args.steps is None else min(total, args.steps)
+    stop_at = None if options.steps is None else min(total, options.steps)
     if stop_at is None or position.step < stop_at:
         position = train(model, optimizer, scheduler, examples, s, position, pad_id, device, progress, stop_at)
     progress.bar.close()
 
-    # 5. the adapter, the record, the curves
+    # 4. the adapter, the record, the curves
     finished = position.step >= total
     with staged_folder(out / "adapter") as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)
@@ -203,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         curves.plot(rows, out / "curves.png", f"{spec.name}: QLoRA r={training.lora.r}, {training.optimizer.name}")
     state = "finished" if finished else f"stopped at step {position.step} of {total} (run again to continue)"
     print(f"{state}: adapter in {out / 'adapter'}, log {out / 'log.jsonl'}, curves {out / 'curves.png'}")
-    return 0
+    return finished
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ def gptq_bits(config: dict) -> int | None:
     return q.get("bits") if q.get("quant_method") == "gptq" else None
 
 
-def load_base(folder: Path, device: torch.device, dtype: torch.dtype):
+def load_base(folder: Path, device: torch.device, dtype: torch.dtype, kernel: str = TRAINING_KERNEL):
+    """The frozen base; `kernel` is the GPTQ kernel (generation may take a faster one without a backward)."""
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     config = json.loads((folder / "config.json").read_text())
@@ -35,7 +36,7 @@ def load_base(folder: Path, device: torch.device, dtype: torch.dtype):
     kwargs = dict(dtype=dtype, device_map={"": str(device)})
     bits = gptq_bits(config)
     if bits is not None:
-        kwargs["quantization_config"] = GPTQConfig(bits=bits, backend=TRAINING_KERNEL)
+        kwargs["quantization_config"] = GPTQConfig(bits=bits, backend=kernel)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False  # no KV cache while training (and none under gradient checkpointing)
     return model
