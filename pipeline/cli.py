@@ -21,6 +21,13 @@ def stage_parser(prog: str, doc: str | None, model_help: str, out_help: str) -> 
     return p
 
 
+def add_run_switches(p: argparse.ArgumentParser, budget_help: str) -> None:
+    """What the GPU stages (train, humpback) share: the budget override, the device, the 4090 memory cap."""
+    p.add_argument("--budget", choices=["ignore"], help=budget_help)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
+
+
 def check_local_inputs(args: argparse.Namespace) -> None:
     """MODEL and DATA_DIR, when given, must be folders: said before any slow work."""
     for flag, value in (("MODEL", args.model), ("DATA_DIR", args.data_dir)):

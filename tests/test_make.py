@@ -27,12 +27,23 @@ def test_per_submission_targets_take_any_spec_name(tmp_path):
     done = make("submission-mine", f"SUBMISSIONS={subs}", f"DIST={tmp_path / 'dist2'}")
     assert done.returncode == 0 and (tmp_path / "dist2" / "mine.zip").is_file(), done.stderr
     # every per-submission target resolves the name the same way (dry run: the commands make would run)
-    for target in ("image", "validate", "serve", "quantize", "data", "train", "train-bundle", "publish", "publish-train"):
+    for target in ("image", "validate", "serve", "quantize", "data", "train", "train-bundle", "publish", "publish-train",
+                   "humpback", "publish-humpback"):
         done = make("-n", f"{target}-mine", f"SUBMISSIONS={subs}")
         words = done.stdout.split()
         assert "mine" in words and "submission-mine" not in words, (target, done.stdout)
     # the numbered short form still means submissions/submission-N
     assert "submission-1" in make("-n", "validate-1").stdout.split()
+
+
+def test_humpback_switches_reach_the_stage_and_data(tmp_path):
+    run = make("-n", "humpback-3", "MODEL=/m", "DATA_DIR=/d", "OUT=/o", "PASSAGES=50", "BUDGET=ignore").stdout.split()
+    assert {"pipeline.humpback", "submission-3", "--model", "/m", "--data-dir", "/d", "--out", "/o", "--passages", "50",
+            "--budget", "ignore"} <= set(run)
+    data = make("-n", "train-3", "HUMPBACK=/o/curated").stdout.split()
+    assert data.count("--humpback") == 1 and "/o/curated" in data
+    publish = make("-n", "publish-humpback-3", "OUT=/o").stdout.split()
+    assert {"--humpback", "--curated", "/o/curated"} <= set(publish) and "--train" not in publish
 
 
 def test_make_help_says_how_to_name_a_submission():

@@ -16,7 +16,7 @@ from pathlib import Path
 from packager.paths import REPO
 from packager.spec import SpecError, rating_prompt
 
-from ..cli import check_local_inputs, spec_with, stage_parser
+from ..cli import add_run_switches, check_local_inputs, spec_with, stage_parser
 from ..hub import SourceError, model_folder, weights_fingerprint
 from ..train.__main__ import Options, TrainError, pad_token_id, train_adapter
 from ..train.checkpoint import CheckpointError
@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p = stage_parser("python -m pipeline.humpback", __doc__, "local quantized model folder (default: the spec's [artifact])",
                      "output folder (default build/humpback/NAME)")
     p.add_argument("--passages", type=int, help="passages to augment (default: the spec's; small runs)")
-    p.add_argument("--budget", choices=["ignore"], help="run even when the 4090 projection is over the day")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
+    add_run_switches(p, "run even when the 4090 projection is over the day")
     args = p.parse_args(argv)
     if args.passages is not None and args.passages <= 0:
         p.error(f"--passages {args.passages}: must be a positive number")

@@ -19,7 +19,7 @@ from pathlib import Path
 from packager.paths import REPO
 from packager.spec import SpecError
 
-from ..cli import spec_with
+from ..cli import add_run_switches, spec_with
 from ..hub import SourceError, model_folder, weights_fingerprint
 from ..staging import staged_folder, write_json
 from ..data.__main__ import DATA
@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="the data stage's folder (default build/data/NAME)")
     p.add_argument("--out", type=Path, help="run folder (default build/train/NAME)")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps in all (smoke runs; run again to go on)")
-    p.add_argument("--budget", choices=["ignore"], help="train even when the 4090 projection is over budget")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
+    add_run_switches(p, "train even when the 4090 projection is over budget")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps <= 0:
         p.error(f"--steps {args.steps}: must be a positive number of optimizer steps")
