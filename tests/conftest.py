@@ -65,13 +65,12 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def make_config(model_dir: Path, **generation):
+def make_config(model_dir: Path, server: dict | None = None, **generation):
     from helm_server.settings import ServeConfig
 
     gen = {"eos_token_ids": [QWEN_EOS_ID], "context_length": 256, "min_new_tokens": 0, **generation}
-    return ServeConfig.model_validate(
-        {"submission": "test", "model": {"repo_id": str(model_dir)}, "generation": gen, "server": {"device": TEST_DEVICE}}
-    )
+    return ServeConfig.model_validate({"submission": "test", "model": {"repo_id": str(model_dir)}, "generation": gen,
+                                       "server": {"device": TEST_DEVICE, **(server or {})}})
 
 
 @pytest.fixture(scope="session")

@@ -74,3 +74,81 @@ def test_a_full_queue_is_answered_503_at_once_and_health_stays_up(tiny_model_dir
         finally:
             holder.join(timeout=300)
         assert _post(url, {"prompt": "hi", "max_new_tokens": 1})[0].status_code == 200  # free again
+
+
+# --- deadlines and cancellation ------------------------------------------------------------
+
+
+def _long_serving(tiny_model_dir, **server):
+    """The tiny model forced to generate for a long time: 1,900 tokens before end-of-text may come."""
+    from conftest import make_config, serving
+    from helm_server.app import create_app
+
+    return serving(create_app(make_config(tiny_model_dir, server=server, context_length=2048, min_new_tokens=1900)))
+
+
+LONG = {"prompt": "Once upon a time", "max_new_tokens": 1900, "temperature": 1e-7}
+
+
+def test_a_request_past_its_deadline_is_answered_with_what_was_generated(tiny_model_dir, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="helm_server")
+    with _long_serving(tiny_model_dir, request_timeout_s=0.5) as url:
+        response, seconds = _post(url, LONG)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert 0 < len(body["tokens"]) < 1900 and body["text"] == "".join(t["text"] for t in body["tokens"])
+        assert seconds < 5 and _healthy(url)
+    assert any("(deadline)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_client_that_disconnects_frees_the_model_at_the_next_token(tiny_model_dir, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="helm_server")
+    with _long_serving(tiny_model_dir, request_timeout_s=600) as url:
+        try:
+            requests.post(f"{url}/process", json=LONG, timeout=0.5)
+            raise AssertionError("the long request finished within half a second")
+        except requests.exceptions.ReadTimeout:
+            pass  # the client gives up and closes its connection
+        deadline = time.monotonic() + 30
+        while not any("request cancelled" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the generation was not cancelled"
+            time.sleep(0.05)
+        stopped = next(r.getMessage() for r in caplog.records if "request cancelled" in r.getMessage())
+        assert "stopped after" in stopped and int(stopped.split("stopped after ")[1].split()[0]) < 1900
+        quick, seconds = _post(url, {"prompt": "hi", "max_new_tokens": 0, "echo_prompt": True})
+        assert quick.status_code == 200 and _healthy(url)
+
+
+def test_a_request_whose_deadline_passes_while_waiting_never_runs():
+    import threading
+
+    import pytest
+
+    from helm_server.app import ModelGate
+    from helm_server.deadline import Cancelled, Ticket, WaitedTooLong
+
+    gate = ModelGate(max_queue=4)
+    gate.model_lock.acquire()  # another request holds the model
+    try:
+        with pytest.raises(WaitedTooLong, match="request_timeout_s"):
+            with gate.admit(Ticket(timeout_s=0.2)):
+                raise AssertionError("ran past its deadline")
+        ticket = Ticket(timeout_s=60)
+        threading.Timer(0.1, ticket.cancelled.set).start()
+        with pytest.raises(Cancelled):
+            with gate.admit(ticket):
+                raise AssertionError("ran after its client left")
+    finally:
+        gate.model_lock.release()
+    assert gate.inside == 0  # neither holds a place in the queue
+
+
+def test_a_top_p_below_float32_s_range_still_samples(base_url):
+    # found by the fuzz test: 5e-324 is 0 in float32, which once emptied the nucleus (a 500)
+    response, seconds = _post(base_url, {"prompt": "hi", "max_new_tokens": 3, "temperature": 1.0, "top_p": 5e-324})
+    assert response.status_code == 200, response.text
+    assert seconds < 1 and _healthy(base_url)

@@ -89,3 +89,10 @@ class HealthResponse(BaseModel):
     submission: str
     model: str
     adapter: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: 422 (a field over a limit, or unservable), 503 (busy or timed out: see Retry-After),
+    499 (the client disconnected), 500 (a bug: none is known to be reachable)."""
+
+    detail: str

@@ -1,18 +1,23 @@
 """FastAPI routes: HELM's `neurips/local` endpoints plus `/health`.
 
-Model handlers are plain `def`, run in FastAPI's thread pool; a lock keeps
-the model to one request at a time, so concurrent clients are served in turn.
-At most `server.max_queue` requests wait; one more is answered 503 with
-`Retry-After` at once, instead of piling up threads. `/health` is `async`: it
-runs on the event loop and answers even when every worker thread waits.
+Model work runs in a worker thread; a lock keeps the model to one request at
+a time, so concurrent clients are served in turn. At most `server.max_queue`
+requests wait; one more is answered 503 with `Retry-After` at once, instead of
+piling up threads. Each request carries a ticket (`deadline.py`): its deadline
+stops generation at the next token, and a watcher on the event loop cancels it
+when the client disconnects. `/health` runs on the event loop and answers even
+when every worker thread waits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager, contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
+
+import anyio
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,12 +26,14 @@ from fastapi.responses import JSONResponse
 from .api import (
     DecodeRequest,
     DecodeResponse,
+    ErrorResponse,
     HealthResponse,
     ProcessRequest,
     ProcessResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
+from .deadline import Cancelled, Ticket, WaitedTooLong
 from .engine import Engine
 from .service import CompletionService, RequestError
 from .settings import ServeConfig
@@ -64,20 +71,55 @@ class ModelGate:
         self.model_lock = threading.Lock()
 
     @contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self, ticket: Ticket) -> Iterator[None]:
+        """Wait for the model while the ticket allows: a cancelled or expired request never runs."""
         with self.count_lock:
             if self.inside >= self.limit:
                 raise Busy(f"{self.inside - 1} requests are already waiting for the model (server.max_queue)")
             self.inside += 1
         try:
-            with self.model_lock:
+            while not self.model_lock.acquire(timeout=0.05):
+                ticket.check()
+            try:
+                ticket.check()
                 yield
+            finally:
+                self.model_lock.release()
         finally:
             with self.count_lock:
                 self.inside -= 1
 
 
 RETRY_AFTER_S = 2
+CLIENT_CLOSED = 499
+# What the OpenAPI schema promises besides 200 (fuzzed against it in tests/test_fuzz.py).
+REFUSALS = {400: {"model": ErrorResponse, "description": "a body that is not JSON"},
+            422: {"model": ErrorResponse, "description": "a field over a limit, or a request that cannot be served"},
+            503: {"model": ErrorResponse, "description": "busy, or its deadline passed while waiting; see Retry-After"},
+            CLIENT_CLOSED: {"model": ErrorResponse, "description": "the client disconnected; generation stopped"}}  # nginx's "client closed request": nobody reads it, the log does
+T = TypeVar("T")
+
+
+async def on_model(request: Request, gate: ModelGate, timeout_s: float, work: Callable[[Ticket], T]) -> T:
+    """Run `work` on the model in a worker thread, cancelling it if the client disconnects."""
+    ticket = Ticket(timeout_s)
+
+    async def watch() -> None:
+        while not ticket.cancelled.is_set():
+            if await request.is_disconnected():
+                ticket.cancelled.set()
+                return
+            await asyncio.sleep(0.05)
+
+    def run() -> T:
+        with gate.admit(ticket):
+            return work(ticket)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await anyio.to_thread.run_sync(run)
+    finally:
+        watcher.cancel()
 
 
 def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_engine) -> FastAPI:
@@ -104,10 +146,22 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
+    def retry_later(what: str, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                            content={"detail": f"{what}: {exc}; retry after {RETRY_AFTER_S} s"})
+
+    @app.exception_handler(WaitedTooLong)
+    async def _waited(_: Request, exc: WaitedTooLong) -> JSONResponse:
+        return retry_later("timed out", exc)
+
+    @app.exception_handler(Cancelled)
+    async def _cancelled(_: Request, exc: Cancelled) -> JSONResponse:
+        log.info("request cancelled: %s", exc)
+        return JSONResponse(status_code=CLIENT_CLOSED, content={"detail": str(exc)})
+
     @app.exception_handler(Busy)
     async def _busy(_: Request, exc: Busy) -> JSONResponse:
-        return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
-                            content={"detail": f"busy: {exc}; retry after {RETRY_AFTER_S} s"})
+        return retry_later("busy", exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,7 +172,7 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
         log.exception("request failed")
         return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}: {exc}"})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"model": HealthResponse, "description": "the model is still loading"}})
     async def health() -> JSONResponse:
         ready = "service" in state
         body = HealthResponse(
@@ -129,11 +183,12 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
         )
         return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
 
-    @app.post("/process")
-    def process(req: ProcessRequest) -> ProcessResponse:
+    timeout_s = config.server.request_timeout_s
+
+    @app.post("/process", responses=REFUSALS)
+    async def process(req: ProcessRequest, request: Request) -> ProcessResponse:
         svc = service()
-        with gate.admit():
-            outcome = svc.process(req)
+        outcome = await on_model(request, gate, timeout_s, lambda ticket: svc.process(req, ticket))
         seconds = outcome.response.request_time
         log.info(
             "process: %d prompt tokens, %d new tokens (%s), %.3f s, %.1f tokens/s",
@@ -145,16 +200,14 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
         )
         return outcome.response
 
-    @app.post("/tokenize")
-    def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+    @app.post("/tokenize", responses=REFUSALS)
+    async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
         svc = service()
-        with gate.admit():
-            return svc.tokenize(req)
+        return await on_model(request, gate, timeout_s, lambda _: svc.tokenize(req))
 
-    @app.post("/decode")
-    def decode(req: DecodeRequest) -> DecodeResponse:
+    @app.post("/decode", responses=REFUSALS)
+    async def decode(req: DecodeRequest, request: Request) -> DecodeResponse:
         svc = service()
-        with gate.admit():
-            return svc.decode(req)
+        return await on_model(request, gate, timeout_s, lambda _: svc.decode(req))
 
     return app

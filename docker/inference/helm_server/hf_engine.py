@@ -189,6 +189,7 @@ def sample(
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        drop[0] = False  # and always the likeliest: a top_p below float32's range (5e-324) must not empty the set
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[0]

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .deadline import Cancelled, Ticket, unlimited
 from .api import DecodeRequest, DecodeResponse, ProcessRequest, ProcessResponse, Token, TokenizeRequest, TokenizeResponse
 from .engine import Engine, Generation, SamplingParams, ScoredToken
 from .settings import GenerationSettings
@@ -67,6 +68,27 @@ def fit_context(prompt_ids: list[int], max_new_tokens: int, settings: Generation
     return prompt_ids[len(prompt_ids) + max_new_tokens - limit :]
 
 
+MAX_CHAR_TOKENS = 4  # a UTF-8 character spans at most 4 bytes, so at most 4 byte-level tokens
+
+
+def token_texts(decode, ids: list[int], skip_special_tokens: bool) -> list[str]:
+    """Each token's share of the decoded text, joining to exactly `decode(ids)`.
+
+    Byte-level tokens can end inside a multi-byte character (decoded alone: U+FFFD); such a token
+    gets "" and the token completing the character carries all of it.
+    """
+    texts: list[str] = []
+    start = 0
+    for i in range(len(ids)):
+        piece = decode(ids[start : i + 1], skip_special_tokens=skip_special_tokens)
+        if piece.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < MAX_CHAR_TOKENS:
+            texts.append("")
+            continue
+        texts.append(piece)
+        start = i + 1
+    return texts
+
+
 @dataclass
 class Outcome:
     response: ProcessResponse
@@ -82,7 +104,9 @@ class CompletionService:
         self.engine = engine
         self.settings = settings
 
-    def process(self, req: ProcessRequest) -> Outcome:
+    def process(self, req: ProcessRequest, ticket: Ticket | None = None) -> Outcome:
+        """`ticket` stops generation at its deadline (a shorter answer) or on cancellation (`Cancelled`)."""
+        ticket = ticket or unlimited()
         start = time.perf_counter()
         check_limits(req, self.settings)
         params = resolve_params(req, self.settings, self.engine.vocab_size)
@@ -93,20 +117,27 @@ class CompletionService:
         if params.max_new_tokens == 0 and not params.echo_prompt:
             gen = Generation(prompt=[], completion=[], finish_reason="length")
         else:
-            gen = self.engine.generate(fitted, params, stops)
+            gen = self.engine.generate(fitted, params, lambda ids: ticket.should_stop() or stops(ids))
+        if ticket.cancelled.is_set():
+            raise Cancelled(f"the client disconnected; stopped after {len(gen.completion)} new tokens")
+        finish = gen.finish_reason
+        if finish == "stop" and ticket.expired() and not stops([t.token_id for t in gen.completion]):
+            finish = "deadline"
 
         completion_ids = [t.token_id for t in gen.completion]
         text, kept = stops.cut(completion_ids)
-        tokens = [self._token(t) for t in gen.completion[:kept]]
+        shares = token_texts(self.engine.decode, completion_ids[:kept], skip_special_tokens=True)
+        tokens = [self._token(t, share) for t, share in zip(gen.completion[:kept], shares)]
         if params.echo_prompt:
-            prompt_text = req.prompt if fitted is prompt_ids else self._text(fitted)
+            prompt_text = req.prompt if fitted is prompt_ids else self.engine.decode(fitted)
+            shares = token_texts(self.engine.decode, [t.token_id for t in gen.prompt], skip_special_tokens=False)
             text = prompt_text + text
-            tokens = [self._token(t) for t in gen.prompt] + tokens
+            tokens = [self._token(t, share) for t, share in zip(gen.prompt, shares)] + tokens
         elapsed = time.perf_counter() - start
         response = ProcessResponse(
             text=text, tokens=tokens, logprob=sum(t.logprob for t in tokens), request_time=elapsed
         )
-        return Outcome(response, len(fitted), kept, gen.finish_reason)
+        return Outcome(response, len(fitted), kept, finish)
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         start = time.perf_counter()
@@ -125,9 +156,9 @@ class CompletionService:
     def _text(self, ids: list[int]) -> str:
         return self.engine.decode(ids, skip_special_tokens=True)
 
-    def _token(self, scored: ScoredToken) -> Token:
+    def _token(self, scored: ScoredToken, text: str) -> Token:
         top: dict[str, float] = {}
         for token_id, logprob in scored.top:
             key = self.engine.decode([token_id])
             top[key] = max(logprob, top.get(key, logprob))
-        return Token(text=self.engine.decode([scored.token_id]), logprob=scored.logprob, top_logprob=top)
+        return Token(text=text, logprob=scored.logprob, top_logprob=top)

@@ -101,6 +101,8 @@ class ServerSettings(_Strict):
     engine: Literal["hf"] = Field(default="hf", description="decode engine; faster engines plug in here")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_queue: int = Field(default=16, ge=0, description="requests that may wait for the model; more are answered 503")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="from arrival: past it generation stops and the "
+                                     "request is answered with what was generated (503 if it never reached the model)")
 
 
 class Weights(_Strict):
