@@ -102,7 +102,7 @@ def serve_mounts(offline: bool, model: str | None, adapter: str | None, stand_in
     from .tiny_model import stand_in
 
     if offline and model is None:
-        folder = stand_in(stand_in_dir) if stand_in_dir else stand_in()
+        folder = stand_in(stand_in_dir)
         print(f"OFFLINE=1 without MODEL: serving the tiny stand-in model ({folder})", file=sys.stderr)
         return Mounts(model=folder, adapter=Path(adapter) if adapter else None)
     return Mounts(model=Path(model) if model else None, adapter=Path(adapter) if adapter else None)

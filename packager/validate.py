@@ -31,7 +31,6 @@ from .tiny_model import stand_in
 from .spec import SpecError, spec_path
 
 
-
 @dataclass
 class Report:
     submission: str
@@ -119,8 +118,6 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
             if not report.passed:
                 print("---- container logs (tail) ----\n" + logs(docker, c), file=sys.stderr)
     return report
-
-
 
 
 def _interrupt(signum, frame):  # SIGTERM behaves as Ctrl-C, so cleanup runs

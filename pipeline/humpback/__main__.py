@@ -77,9 +77,6 @@ class Run:
         return encode([t.system, t.prompt.format(prompt=rate.request(self.rating_text, instruction, passage))],
                       self.tokenizer)
 
-    def stops(self, prompt_template: str) -> list[str]:
-        return [s for s in [stop_of(prompt_template)] if s]
-
 
 # --- 1. seed pairs and passages ---------------------------------------------------------
 
@@ -181,27 +178,29 @@ def plan(run: Run, shards: list[list[dict]], forward: list[dict], backward: list
 # --- 3. the models -------------------------------------------------------------------------
 
 
-def trained(run: Run, rows: list[dict], folder: str, training=None) -> Path:
-    """A trainer run in OUT/folder (resumed or reused); its adapter."""
+def trained(run: Run, rows: list[dict], folder: str) -> Path:
+    """A trainer run of the seed recipe in OUT/folder (resumed or reused); its adapter."""
     out = run.out / folder
     print(f"{folder}: training on {len(rows)} examples", flush=True)
-    train_adapter(run.spec, run.spec_sha, training or run.seed_training, rows, seed.rows_sha256(rows), run.base,
-                  out, run.options)
+    train_adapter(run.spec, run.spec_sha, run.seed_training, rows, seed.rows_sha256(rows), run.base, out, run.options)
     return out / "adapter"
 
 
 # --- 4. batched generation, shard by shard ---------------------------------------------------
 
 
-def sharded(run: Run, stage: str, inputs: list[list[dict]], adapter: Path, make_prompt, settings: dict,
-            to_row) -> list[list[dict]]:
-    """Generate for every row of every input shard whose output shard is not done yet."""
+def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter: Path, make_prompt, to_row, *,
+            seed: int, template: object, **generation) -> list[list[dict]]:
+    """Generate for every row of every input shard (stage `source`'s) whose output shard is not done yet.
+
+    A shard's identity: its input shard's hash, the adapter's files, the template, the sampling
+    settings, the seed and the batch size (padding changes what a batch generates)."""
     from tqdm import tqdm
 
     folder = run.out / stage
     adapter_sha = folder_sha256(adapter)
-    wanted = [digest(stage, run.manifest.stage(source_stage(stage))["shards"][str(i)]["sha256"], adapter_sha, settings,
-                     run.hb.batch_size) for i in range(len(inputs))]
+    wanted = [digest(stage, run.manifest.stage(source)["shards"][str(i)]["sha256"], adapter_sha, template, generation,
+                     seed, run.hb.batch_size) for i in range(len(inputs))]
     todo = [i for i in range(len(inputs)) if not run.manifest.done(stage, i, wanted[i], shard_path(folder, i))]
     run.manifest.forget_beyond(stage, folder, len(inputs))
     total = sum(map(len, inputs))
@@ -212,9 +211,9 @@ def sharded(run: Run, stage: str, inputs: list[list[dict]], adapter: Path, make_
         for i in todo:
             started, rows = time.perf_counter(), []
             for b, batch in enumerate(split(inputs[i], run.hb.batch_size)):
-                texts, _ = generate(model, run.tokenizer, [make_prompt(r) for r in batch], pad_id=run.pad_id,
-                                    eos_ids=run.spec.generation.eos_token_ids, seed=settings["seed"] * 1_000_003 + i * 1009 + b,
-                                    **{k: v for k, v in settings.items() if k not in ("seed", "prompt")})
+                texts = generate(model, run.tokenizer, [make_prompt(r) for r in batch], pad_id=run.pad_id,
+                                 eos_ids=run.spec.generation.eos_token_ids, seed=seed * 1_000_003 + i * 1009 + b,
+                                 **generation)
                 rows += [to_row(r, t) for r, t in zip(batch, texts)]
                 bar.update(len(batch))
             write_rows(shard_path(folder, i), rows)
@@ -226,26 +225,20 @@ def sharded(run: Run, stage: str, inputs: list[list[dict]], adapter: Path, make_
     return [read_rows(shard_path(folder, i)) for i in range(len(inputs))]
 
 
-def source_stage(stage: str) -> str:
-    return "passages" if stage == "generated" else "generated"
-
-
 def instructions(run: Run, shards: list[list[dict]], backward: Path) -> list[list[dict]]:
-    g = run.hb.generate
-    settings = dict(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=g.seed,
-                    stops=run.stops(run.hb.backward_template.prompt),
-                    prompt=run.hb.backward_template.model_dump())
-    return sharded(run, "generated", shards, backward, lambda p: run.backward_prompt(p["text"]), settings,
-                   lambda p, text: {"id": p["id"], "url": p["url"], "instruction": text, "output": p["text"]})
+    g, template = run.hb.generate, run.hb.backward_template
+    return sharded(run, "generated", "passages", shards, backward, lambda p: run.backward_prompt(p["text"]),
+                   lambda p, text: {"id": p["id"], "url": p["url"], "instruction": text, "output": p["text"]},
+                   seed=g.seed, template=template.model_dump(), temperature=g.temperature, top_p=g.top_p,
+                   max_new_tokens=g.max_new_tokens, stops=stop_of(template.prompt))
 
 
 def ratings(run: Run, stage: str, generated: list[list[dict]], rater: Path) -> list[dict]:
     """Every pair with its rater's verdict: score (None when unparseable) and the raw rating."""
-    settings = dict(temperature=0.0, max_new_tokens=run.hb.rating.max_new_tokens, seed=0,
-                    stops=run.stops(run.forward_template.prompt),
-                    prompt=[run.rating_text, run.forward_template.model_dump()])
-    scored = sharded(run, stage, generated, rater, lambda g: run.rating_prompt(g["instruction"], g["output"]), settings,
-                     lambda g, text: {"id": g["id"], "score": rate.parse_score(rate.verdict(text)), "rating": text})
+    scored = sharded(run, stage, "generated", generated, rater, lambda g: run.rating_prompt(g["instruction"], g["output"]),
+                     lambda g, text: {"id": g["id"], "score": rate.parse_score(rate.verdict(text)), "rating": text},
+                     seed=0, template=[run.rating_text, run.forward_template.model_dump()], temperature=0.0,
+                     max_new_tokens=run.hb.rating.max_new_tokens, stops=stop_of(run.forward_template.prompt))
     return [{**g, **s} for gs, ss in zip(generated, scored) for g, s in zip(gs, ss)]
 
 

@@ -46,11 +46,11 @@ def encode(pieces: list[str], tokenizer) -> list[int]:
     return [i for text in pieces for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def stop_of(prompt_template: str) -> str | None:
+def stop_of(prompt_template: str) -> list[str]:
     """Where the next round would begin (`\\nQUESTION: {prompt}` -> `\\nQUESTION:`): the trained models
-    never saw end-of-text, so the start of a new round is where an answer ends."""
+    never saw end-of-text, so the start of a new round is where an answer ends; no stop without such text."""
     head = prompt_template.split("{", 1)[0].rstrip()
-    return head if head.strip() else None
+    return [head] if head.strip() else []
 
 
 def cut(text: str, stops: list[str]) -> str:
@@ -61,8 +61,8 @@ def cut(text: str, stops: list[str]) -> str:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int], stops: list[str],
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             exact_length: bool = False) -> tuple[list[str], int]:
-    """One batch: (texts cut at the first stop, tokens generated). Greedy when temperature is 0.
+             exact_length: bool = False) -> list[str]:
+    """One batch: the texts, each cut at the first stop. Greedy when temperature is 0.
 
     `exact_length` makes every sequence run to max_new_tokens (the budget probe's worst case).
     """
@@ -82,6 +82,4 @@ def generate(model, tokenizer, prompts: list[list[int]], *, pad_id: int, eos_ids
     torch.manual_seed(seed)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                          tokenizer=tokenizer)
-    new = out[:, width:]
-    produced = int((new != pad_id).sum())
-    return [cut(t, stops) for t in tokenizer.batch_decode(new, skip_special_tokens=True)], produced
+    return [cut(t, stops) for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]

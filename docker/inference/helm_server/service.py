@@ -120,11 +120,10 @@ class CompletionService:
             gen = self.engine.generate(fitted, params, lambda ids: ticket.should_stop() or stops(ids))
         if ticket.cancelled.is_set():
             raise Cancelled(f"the client disconnected; stopped after {len(gen.completion)} new tokens")
-        finish = gen.finish_reason
-        if finish == "stop" and ticket.expired() and not stops([t.token_id for t in gen.completion]):
-            finish = "deadline"
-
         completion_ids = [t.token_id for t in gen.completion]
+        finish = gen.finish_reason
+        if finish == "stop" and ticket.expired() and not stops(completion_ids):
+            finish = "deadline"
         text, kept = stops.cut(completion_ids)
         shares = token_texts(self.engine.decode, completion_ids[:kept], skip_special_tokens=True)
         tokens = [self._token(t, share) for t, share in zip(gen.completion[:kept], shares)]
