@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from packager.paths import SUBMISSIONS
@@ -26,6 +27,12 @@ def add_run_switches(p: argparse.ArgumentParser, budget_help: str) -> None:
     p.add_argument("--budget", choices=["ignore"], help=budget_help)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
+
+
+def interrupted(resume: str) -> int:
+    """Ctrl-C in a resumable stage: one line saying how to go on, not a traceback; the shell's 130."""
+    print(f"interrupted: {resume}", file=sys.stderr)
+    return 130
 
 
 def check_local_inputs(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from packager.paths import REPO
 from packager.spec import SpecError, rating_prompt
 
-from ..cli import add_run_switches, check_local_inputs, spec_with, stage_parser
+from ..cli import add_run_switches, check_local_inputs, interrupted, spec_with, stage_parser
 from ..hub import SourceError, model_folder, weights_fingerprint
 from ..train.__main__ import Options, TrainError, pad_token_id, train_adapter
 from ..train.checkpoint import CheckpointError
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, SourceError, PassageError, HumpbackError, TrainError, ModelError, CheckpointError, BudgetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted("run it again to continue; finished shards and training checkpoints are kept")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from packager.paths import REPO
 from packager.spec import SpecError
 
-from ..cli import add_run_switches, spec_with
+from ..cli import add_run_switches, interrupted, spec_with
 from ..hub import SourceError, model_folder, weights_fingerprint
 from ..staging import staged_folder, write_json
 from ..data.__main__ import DATA
@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, SourceError, TrainError, ModelError, CheckpointError, plan.BudgetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted("run it again to resume from the newest checkpoint")
 
 
 if __name__ == "__main__":
