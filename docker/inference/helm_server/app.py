@@ -44,9 +44,22 @@ EngineFactory = Callable[[ServeConfig], Engine]
 
 
 def _default_engine(config: ServeConfig) -> Engine:
-    from .hf_engine import HFEngine  # imported late: torch is slow to import
+    from .hf_engine import HFEngine, pick_device  # imported late: torch is slow to import
 
+    name = engine_name(config.server.engine, pick_device(config.server.device).type)
+    log.info("engine: %s (server.engine = %s)", name, config.server.engine)
+    if name == "static":
+        from .static_engine import StaticEngine
+
+        return StaticEngine.from_config(config)
     return HFEngine.from_config(config)
+
+
+def engine_name(setting: str, device_type: str) -> str:
+    """`auto` is the static engine on CUDA (CUDA graphs) and the HF engine on the CPU."""
+    if setting != "auto":
+        return setting
+    return "static" if device_type == "cuda" else "hf"
 
 
 def _readable(exc: RequestValidationError) -> str:

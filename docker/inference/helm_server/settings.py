@@ -98,7 +98,9 @@ class ServerSettings(_Strict):
 
     port: int = Field(default=80, ge=1, le=65535)
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    engine: Literal["hf"] = Field(default="hf", description="decode engine; faster engines plug in here")
+    engine: Literal["auto", "static", "hf"] = Field(
+        default="auto", description="decode engine: static (static KV cache, CUDA-graph decode, prefix reuse), "
+        "hf (plain transformers, the reference), auto: static on CUDA, hf on the CPU")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_queue: int = Field(default=16, ge=0, description="requests that may wait for the model; more are answered 503")
     request_timeout_s: float = Field(default=120.0, gt=0, description="from arrival: past it generation stops and the "
