@@ -20,7 +20,7 @@ OFFLINE_DEPS := $(if $(call yes,$(OFFLINE)),base-image wheelhouse)
 MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 .DEFAULT_GOAL := help
-.PHONY: prune local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
+.PHONY: helm-venv helm-lock eval-compare helm-mix prune local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
 # Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data, train), DRY_RUN=1,
 # BUDGET=ignore (quantize, train, humpback), STEPS=n (train), PASSAGES=n (humpback), HUMPBACK=dir (data, train:
@@ -143,6 +143,42 @@ tiny-model: $(STAMP) ## write the tiny Qwen-shaped stand-in model to build/tiny-
 
 tiny-gptq: $(STAMP) ## write the tiny stand-in quantized to 8-bit GPTQ to build/tiny-gptq/
 	$(PY) -m packager.tiny_model build/tiny-gptq --gptq
+
+# HELM itself lives in .venv-helm/ (its requirements conflict with the toolkit's), from a pinned lock.
+HELM_VENV  := .venv-helm
+HELM_STAMP := $(HELM_VENV)/.installed
+CONF ?=
+SUITE ?=
+URL ?=
+MAX_EVAL_INSTANCES ?=
+A ?=
+B ?=
+EVAL_FLAGS := $(OFFLINE_FLAG) $(MODEL_FLAGS) $(if $(CONF),--conf $(CONF)) $(if $(SUITE),--suite $(SUITE)) \
+              $(if $(URL),--url $(URL)) $(if $(MAX_EVAL_INSTANCES),--max-eval-instances $(MAX_EVAL_INSTANCES))
+# With URL the server is already running: no base image, wheelhouse or build.
+EVAL_DEPS := $(if $(URL),,$(OFFLINE_DEPS))
+
+$(HELM_STAMP): requirements/helm-eval.lock
+	test -x $(HELM_VENV)/bin/python || $(PYTHON) -m venv $(HELM_VENV)
+	@echo "creating $(HELM_VENV)/ with HELM (crfm-helm 0.5.16) from requirements/helm-eval.lock (a few minutes the first time)"
+	$(HELM_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-deps -r requirements/helm-eval.lock
+	touch $@
+
+helm-venv: $(HELM_STAMP) ## create .venv-helm/ with HELM itself (helm-run, helm-summarize) from its pinned lock
+
+helm-lock: ## re-resolve .venv-helm's lock from crfm-helm's declared requirements (needs PyPI)
+	$(PYTHON) -m evaluation.lock requirements/helm-eval.lock
+
+eval-%: $(STAMP) $(HELM_STAMP) local-inputs $(EVAL_DEPS) ## helm-run the challenge's sample run specs against submission-N's container, summarize, report
+	$(PY) -m evaluation $(call name,$*) $(SUBS_FLAG) $(STRICT_FLAG) $(EVAL_FLAGS)
+
+eval-compare: $(STAMP) ## two evals side by side per scenario: make eval-compare A=build/eval/x/suite B=...
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make eval-compare A=<suite folder> B=<suite folder> (folders written by make eval-N, e.g. build/eval/submission-1/offline)" >&2; exit 2; }
+	$(PY) -m evaluation.compare $(A) $(B)
+
+helm-mix: $(STAMP) ## replay HELM's request mix (the challenge's sample conf) against a running submission: URL=http://host:port
+	@test -n "$(URL)" || { echo "usage: make helm-mix URL=http://127.0.0.1:8080 (a running submission, e.g. from make serve-1)" >&2; exit 2; }
+	$(PY) benchmarks/helm_mix.py --url $(URL)
 
 lock: $(STAMP) ## re-resolve docker/inference/requirements.in into requirements.lock (needs PyPI)
 	$(PY) -m packager.lock

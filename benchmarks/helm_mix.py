@@ -54,22 +54,20 @@ class Shape:
     max_tokens: int  # what HELM asks for
     stop: tuple[str, ...]
     temperature: float
-    per_instance: int = 1  # requests per instance
     echo: bool = False
 
 
 SCENARIOS = {
-    # multiple_choice_joint, 5 shots, max_tokens 1, stop "\n", temperature 0; data_augmentation=canonical adds
-    # 4 perturbed copies of each instance (mild_mix, dialect, gender, person_name).
-    "mmlu": Shape(prefix=520, question=110, answer=1, max_tokens=1, stop=("\n",), temperature=0.0, per_instance=5),
+    # multiple_choice_joint, 5 shots, max_tokens 1, stop "\n", temperature 0 (perturbed copies: evaluation/conf.py)
+    "mmlu": Shape(prefix=520, question=110, answer=1, max_tokens=1, stop=("\n",), temperature=0.0),
     "bbq": Shape(prefix=600, question=150, answer=1, max_tokens=1, stop=("\n",), temperature=0.0),
     "truthful_qa": Shape(prefix=420, question=90, answer=1, max_tokens=1, stop=("\n",), temperature=0.0),
     # generation, 5 shots of worked solutions, max_tokens 400, stop "\n\n"
     "gsm": Shape(prefix=900, question=90, answer=120, max_tokens=400, stop=("\n\n",), temperature=0.0),
     # summarization: 5 shots of <=512-token articles cut to the window, max_tokens 128, temperature 0.3, stop "###"
     "summarization_cnndm": Shape(prefix=1400, question=450, answer=70, max_tokens=128, stop=("###",), temperature=0.3),
-    # max_tokens 64, temperature 0; big_bench_few_shot_setting runs every task with 0, 1, 2 and 3 shots
-    "big_bench": Shape(prefix=180, question=90, answer=12, max_tokens=64, stop=(), temperature=0.0, per_instance=4),
+    # max_tokens 64, temperature 0; run with 0, 1, 2 and 3 shots (evaluation/conf.py): the prefix is their mean
+    "big_bench": Shape(prefix=180, question=90, answer=12, max_tokens=64, stop=(), temperature=0.0),
 }
 # Echo-only scoring (max_tokens 0): HELM's language-modeling and separate multiple-choice adapters. The sample conf
 # has none; it is timed and reported, never added to the conf's total.
@@ -111,7 +109,7 @@ def requests_of(entry: RunEntry, shape: Shape, instances: int, scenario: str) ->
     rng = random.Random(entry.description)
     prefix = words(shape.prefix, rng) + "\n\n" if shape.prefix else ""
     out = []
-    for _ in range(instances * shape.per_instance):
+    for _ in range(instances * entry.requests_per_instance):
         prompt = prefix + words(shape.question, rng) + "\nAnswer:"
         out.append(Request(scenario, entry.description, prompt, shape.answer, shape.stop, shape.temperature, shape.echo))
     return out
@@ -127,7 +125,7 @@ def the_mix(conf: Path, runs: int, instances: int) -> tuple[list[Request], dict[
         shape = SCENARIOS.get(entry.scenario)
         if shape is None:
             raise SystemExit(f"{conf}: scenario {entry.scenario!r} has no shape in SCENARIOS; add one")
-        totals[entry.scenario] += (entry.max_eval_instances or 1) * shape.per_instance
+        totals[entry.scenario] += entry.requests(default_instances=1)
         if taken[entry.scenario] < runs:
             taken[entry.scenario] += 1
             timed += requests_of(entry, shape, min(instances, entry.max_eval_instances or 1), entry.scenario)
@@ -457,7 +455,7 @@ def five_shot(engine, tokenizer, figures: dict) -> None:
     import torch
     from helm_server.engine import SamplingParams
 
-    entry = RunEntry("mmlu:model=neurips/local,subject=five_shot", 1)
+    entry = RunEntry("mmlu:model=neurips/local,subject=five_shot,data_augmentation=canonical", 1)
     prompts = [tokenizer(r.prompt)["input_ids"] for r in requests_of(entry, SCENARIOS["mmlu"], 2, "mmlu")]
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
     seconds = {}

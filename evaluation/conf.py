@@ -15,6 +15,12 @@ CONFS = Path(__file__).resolve().parent / "confs"
 CHALLENGE_SAMPLE = CONFS / "challenge_sample.conf"
 OFFLINE = CONFS / "offline.conf"
 
+# Requests HELM sends per instance, as data: data_augmentation=canonical adds four perturbed copies
+# (mild_mix, dialect, gender, person_name) to each instance; max_train_instances=big_bench_few_shot_setting
+# runs the entry once per shot count (0, 1, 2, 3).
+AUGMENTATION_COPIES = {"canonical": 5}
+SHOT_SETTINGS = {"big_bench_few_shot_setting": 4}
+
 _ENTRY = re.compile(r'\{\s*description\s*:\s*"(?P<description>[^"]+)"\s*,\s*priority\s*:\s*(?P<priority>\d+)\s*\}')
 
 
@@ -40,6 +46,15 @@ class RunEntry:
     def max_eval_instances(self) -> int | None:
         value = self.args.get("max_eval_instances")
         return int(value) if value else None
+
+    @property
+    def requests_per_instance(self) -> int:
+        return (AUGMENTATION_COPIES.get(self.args.get("data_augmentation", ""), 1)
+                * SHOT_SETTINGS.get(self.args.get("max_train_instances", ""), 1))
+
+    def requests(self, default_instances: int) -> int:
+        """Requests this entry makes when the command line's --max-eval-instances is `default_instances`."""
+        return (self.max_eval_instances or default_instances) * self.requests_per_instance
 
 
 def read_conf(path: Path) -> list[RunEntry]:

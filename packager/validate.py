@@ -16,15 +16,17 @@ import signal
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from . import budget as budget_mod
 from .build import build
 from .checks import PackagingError
 from .conformance import CheckResult
-from .container import Mounts, gpu_available, logs, mount_args, peak_memory_bytes, running, wait_healthy
-from .docker_cli import DockerError, find_docker
+from .container import Mounts, Running, gpu_available, logs, mount_args, peak_memory_bytes, running, wait_healthy
+from .docker_cli import Docker, DockerError, find_docker
 from .image import CONTEXTS, build_image, prepare
 from .paths import DIST, REPO, SUBMISSIONS
 from .tiny_model import stand_in
@@ -72,11 +74,15 @@ def _conformance(c, timeout: float) -> list[CheckResult]:
     return results
 
 
-def validate(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float,
-             submissions: Path = SUBMISSIONS, strict: bool = False, dist: Path = DIST, contexts: Path = CONTEXTS,
-             tag: str | None = None) -> Report:
-    """Build, run, drive and report; `dist`, `contexts` and `tag` put every trace elsewhere (tests)."""
-    report = Report(name)
+@contextmanager
+def serving(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float, report: Report,
+            submissions: Path = SUBMISSIONS, strict: bool = False, dist: Path = DIST, contexts: Path = CONTEXTS,
+            tag: str | None = None) -> Iterator[tuple[Docker, Running]]:
+    """Build the submission's image, run it sealed off (--network none) and yield it once healthy; always removed.
+
+    Facts about the build and the run go into `report`. `dist`, `contexts` and `tag` put every trace
+    elsewhere (tests). Shared by `make validate-N` and `make eval-N`.
+    """
     built = build(spec_path(submissions, name), dist, strict)  # spec refusals come before any Docker work
     docker = find_docker()
     spec = built.spec
@@ -110,6 +116,19 @@ def validate(name: str, offline: bool, model: Path | None, adapter: Path | None,
     with running(docker, image.tag, mounts, gpus) as c:
         try:
             report.add("time to healthy", f"{wait_healthy(docker, c, timeout):.1f} s")
+        except DockerError:
+            print("---- container logs (tail) ----\n" + logs(docker, c), file=sys.stderr)
+            raise
+        yield docker, c
+
+
+def validate(name: str, offline: bool, model: Path | None, adapter: Path | None, timeout: float,
+             submissions: Path = SUBMISSIONS, strict: bool = False, dist: Path = DIST, contexts: Path = CONTEXTS,
+             tag: str | None = None) -> Report:
+    """Build, run, drive and report."""
+    report = Report(name)
+    with serving(name, offline, model, adapter, timeout, report, submissions, strict, dist, contexts, tag) as (docker, c):
+        try:
             step("driving it with HELM's client")
             report.checks = _conformance(c, timeout)
             peak = peak_memory_bytes(docker, c)
