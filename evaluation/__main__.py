@@ -122,7 +122,7 @@ def server(args) -> Iterator[tuple[str, Wrap, str]]:
                  args.strict) as (_, container):
         for key, value in report.lines:
             say(f"{key}: {value}")
-        yield "http://127.0.0.1:80", container.in_netns, f"container of {args.name} ({dict(report.lines)['image']})"
+        yield "http://127.0.0.1:80", lambda cmd: container.in_netns(*cmd), f"container of {args.name} ({dict(report.lines)['image']})"
 
 
 def evaluate(args) -> int:

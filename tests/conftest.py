@@ -73,11 +73,16 @@ def make_config(model_dir: Path, server: dict | None = None, **generation):
                                        "server": {"device": TEST_DEVICE, **(server or {})}})
 
 
-@pytest.fixture(scope="session")
-def base_url(tiny_model_dir) -> Iterator[str]:
+# Every server test runs against each decode engine (on the CPU the static engine runs its padded
+# shapes eagerly; on CUDA, TEST_DEVICE=cuda, as CUDA graphs).
+ENGINES = ("hf", "static")
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def base_url(request, tiny_model_dir) -> Iterator[str]:
     from helm_server.app import create_app
 
-    with serving(create_app(make_config(tiny_model_dir))) as url:
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": request.param}))) as url:
         yield url
 
 

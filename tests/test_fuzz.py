@@ -17,17 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
-from conftest import make_config, serving
+from conftest import ENGINES, make_config, serving
 
 CONTEXT = 256
 
 
-@pytest.fixture(scope="module")
-def live(tiny_model_dir):
+@pytest.fixture(scope="module", params=ENGINES)
+def live(request, tiny_model_dir):
     from helm_server.app import create_app
 
-    with serving(create_app(make_config(tiny_model_dir, context_length=CONTEXT, max_top_k_per_token=20,
-                                        max_prompt_chars=2000))) as url:
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": request.param}, context_length=CONTEXT,
+                                        max_top_k_per_token=20, max_prompt_chars=2000))) as url:
         yield url
 
 

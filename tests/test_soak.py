@@ -12,9 +12,10 @@ import random
 import threading
 import time
 
+import pytest
 import requests
 
-from conftest import make_config, serving
+from conftest import ENGINES, make_config, serving
 from helm_requests import completion, decoding, tokenization
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
@@ -44,7 +45,8 @@ def _greedy(client, prompt: str):
     return result.completions[0].text, [round(t.logprob, 4) for t in result.completions[0].tokens]
 
 
-def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir, engine):
     from helm.clients.http_model_client import HTTPModelClient
     from helm.common.cache import BlackHoleCacheConfig
     from helm.tokenizers.http_model_tokenizer import HTTPModelTokenizer
@@ -56,7 +58,7 @@ def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir):
     answered = [0]
     lock = threading.Lock()
 
-    with serving(create_app(make_config(tiny_model_dir))) as url:
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine}))) as url:
         client = HTTPModelClient(cache_config=BlackHoleCacheConfig(), base_url=url)
         tokenizer = HTTPModelTokenizer(cache_config=BlackHoleCacheConfig(), base_url=url)
 
@@ -109,7 +111,7 @@ def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir):
     assert answered[0] > CLIENTS and statuses and all(s < 500 for s in statuses), sorted(set(statuses))
     assert after - before < 150, f"RSS grew {after - before:.0f} MiB over the soak"
 
-    with serving(create_app(make_config(tiny_model_dir))) as fresh_url:
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine}))) as fresh_url:
         fresh = HTTPModelClient(cache_config=BlackHoleCacheConfig(), base_url=fresh_url)
         assert {p: _greedy(fresh, p) for p in PROMPTS} == last
     print(f"soak: {answered[0]} valid requests answered, {len(statuses)} hostile ones ({sorted(set(statuses))}), "

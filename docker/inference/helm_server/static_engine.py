@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +59,10 @@ class UnsupportedModel(RuntimeError):
 @dataclass
 class Layer:
     attn_norm: torch.nn.Module
-    q: torch.nn.Module
-    k: torch.nn.Module
-    v: torch.nn.Module
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # queries, keys and values side by side
     o: torch.nn.Module
     mlp_norm: torch.nn.Module
-    mlp: torch.nn.Module
+    mlp: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -111,10 +110,52 @@ def weights_of(model) -> Weights:
         raise UnsupportedModel(f"rope {rope}: its tables change with the sequence length, which a static cache "
                                'cannot follow; set [server] engine = "hf"')
     attn = lm.model.layers[0].self_attn
-    layers = [Layer(l.input_layernorm, l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.self_attn.o_proj,
-                    l.post_attention_layernorm, l.mlp) for l in lm.model.layers]
+    layers = [Layer(l.input_layernorm, qkv_of(l.self_attn), l.self_attn.o_proj, l.post_attention_layernorm,
+                    mlp_of(l.mlp)) for l in lm.model.layers]
     return Weights(lm.model.embed_tokens, layers, lm.model.norm, lm.lm_head, config.num_attention_heads,
                    config.num_key_value_heads, attn.head_dim, attn.scaling)
+
+
+def fused(linears: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """One matmul for plain Linear layers that read the same input (fewer, larger kernels per step).
+
+    Their weights are concatenated once and each layer's weight becomes a view of its rows, so the
+    model is unchanged for any other caller and no memory is duplicated. GPTQ and LoRA-wrapped
+    layers are not plain Linear: None, and the caller runs them one by one.
+    """
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return None
+    if len({m.bias is None for m in linears}) != 1:
+        return None
+    weight = torch.cat([m.weight.data for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias.data for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start : start + rows]
+        if bias is not None:
+            m.bias.data = bias[start : start + rows]
+        start += rows
+    return lambda x: F.linear(x, weight, bias)
+
+
+def qkv_of(attn) -> Callable[[torch.Tensor], torch.Tensor]:
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    return fused(projections) or (lambda h: torch.cat([p(h) for p in projections], dim=-1))
+
+
+def mlp_of(mlp) -> Callable[[torch.Tensor], torch.Tensor]:
+    """down(act(gate(x)) * up(x)), gate and up in one matmul when they are plain Linear layers."""
+    gate_up = fused([mlp.gate_proj, mlp.up_proj])
+    if gate_up is None:
+        return mlp
+    width = mlp.gate_proj.weight.shape[0]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        both = gate_up(x)
+        return mlp.down_proj(mlp.act_fn(both[..., :width]) * both[..., width:])
+
+    return run
 
 
 def rope_tables(model, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,11 +190,9 @@ def forward(w: Weights, cache: Cache, rope: tuple[torch.Tensor, torch.Tensor], i
     x = w.embed(ids)[None]
     for layer, k_cache, v_cache in zip(w.layers, cache.keys, cache.values):
         h = rms_norm(x, layer.attn_norm)
-        # queries and keys side by side: one rotation for both
-        qk = torch.cat((layer.q(h), layer.k(h)), dim=-1).view(1, n, w.heads + w.kv_heads, w.head_dim).transpose(1, 2)
-        qk = rotate(qk, cos, sin)
-        q, k = qk[:, : w.heads], qk[:, w.heads :]
-        v = layer.v(h).view(1, n, w.kv_heads, w.head_dim).transpose(1, 2)
+        qkv = layer.qkv(h).view(1, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
+        qk = rotate(qkv[:, : w.heads + w.kv_heads], cos, sin)  # queries and keys: one rotation for both
+        q, k, v = qk[:, : w.heads], qk[:, w.heads :], qkv[:, w.heads + w.kv_heads :]
         k_cache.index_copy_(2, positions, k)
         v_cache.index_copy_(2, positions, v)
         a = F.scaled_dot_product_attention(q, k_cache[:, :, :keys], v_cache[:, :, :keys], attn_mask=mask,
