@@ -165,7 +165,6 @@ def http_server(url: str) -> Serve:
 
 def in_process(engine, settings) -> Serve:
     """The server's own request path (CompletionService), without HTTP."""
-    import torch
     from helm_server.api import ProcessRequest
     from helm_server.deadline import unlimited
     from helm_server.service import CompletionService
@@ -268,7 +267,6 @@ def weight_bytes(model) -> int:
 
 def decode_rate(engine, prompt_ids: list[int], new: int) -> float:
     """Seconds per decode step: (time for 1 + new tokens - time for 1 token) / new, best of three."""
-    import torch
     from helm_server.engine import SamplingParams
 
     def timed(n: int) -> float:
@@ -295,7 +293,7 @@ def reference_decode_rate(model, prompt_ids: list[int], new: int) -> float:
         started = time.perf_counter()
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=True, top_k=200, temperature=1.0,
                              pad_token_id=EOS, return_dict_in_generate=True, output_scores=True)
-        torch.log(torch.stack(out.scores, dim=1).softmax(-1)).tolist
+        torch.log(torch.stack(out.scores, dim=1).softmax(-1)).amax(-1).tolist()
         sync()
         return time.perf_counter() - started
 
@@ -452,7 +450,6 @@ def _kv_bytes_per_token(model) -> int:
 
 def five_shot(engine, tokenizer, figures: dict) -> None:
     """A 5-shot scenario (MMLU-shaped, 10 questions sharing their prefix): prefix reuse on against off."""
-    import torch
     from helm_server.engine import SamplingParams
 
     entry = RunEntry("mmlu:model=neurips/local,subject=five_shot,data_augmentation=canonical", 1)

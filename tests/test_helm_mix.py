@@ -1,0 +1,27 @@
+"""`make helm-mix URL=...`: HELM's request mix (the challenge's sample conf, synthetic prompts) against a server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO, make_config, serving
+
+
+def test_helm_mix_replays_every_scenario_against_a_running_server(tiny_model_dir):
+    from helm_server.app import create_app
+
+    # the tiny stand-in's tokenizer splits the synthetic words far finer than Qwen's: long prompts are cut
+    with serving(create_app(make_config(tiny_model_dir, context_length=2048, overflow="truncate_left"))) as url:
+        done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--url", url, "--runs", "1", "--instances", "1"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2451 requests in the whole mix" in done.stdout
+    for scenario in ("mmlu", "big_bench", "gsm", "summarization_cnndm", "bbq", "truthful_qa", "scoring (echo)"):
+        assert scenario in done.stdout
+    assert "whole conf" in done.stdout
+
+
+def test_make_helm_mix_without_url_says_how():
+    done = subprocess.run(["make", "-s", "helm-mix"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "URL=http://127.0.0.1:8080" in done.stderr
