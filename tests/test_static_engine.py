@@ -17,7 +17,7 @@ from helm_server.app import engine_name
 from helm_server.engine import SamplingParams
 from helm_server.hf_engine import HFEngine
 from helm_server.static_engine import PREFILL_CHUNK, StaticEngine, UnsupportedModel, buckets, shared_prefix
-from packager.tiny_model import QWEN_EOS_ID
+from packager.tiny_model import QWEN_EOS_ID, build_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -105,6 +105,33 @@ def test_a_model_the_forward_does_not_reproduce_is_refused_naming_the_fix():
                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16)
     with pytest.raises(UnsupportedModel, match='engine = "hf"'):
         StaticEngine(Qwen2ForCausalLM(config).eval(), None, [1], CPU, 64)
+
+
+def test_auto_falls_back_to_the_hf_engine_for_a_model_it_cannot_run(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import make_config
+
+    config = Qwen2Config(vocab_size=152000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    assert isinstance(StaticEngine.from_config(make_config(tmp_path), fallback=True), HFEngine)
+    with pytest.raises(UnsupportedModel, match="sliding-window"):
+        StaticEngine.from_config(make_config(tmp_path))
+
+
+def test_llama_layouts_match_the_hf_engine():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    model = LlamaForCausalLM(config).eval()
+    hf, static = HFEngine(model, None, [2], CPU), StaticEngine(model, None, [2], CPU, 300)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, top_logprobs=2, echo_prompt=True)
+    prompt = list(range(10, 70))
+    assert_same(hf.generate(prompt, params, never), static.generate(prompt, params, never))
 
 
 def test_the_spec_chooses_the_engine():

@@ -51,7 +51,7 @@ def _default_engine(config: ServeConfig) -> Engine:
     if name == "static":
         from .static_engine import StaticEngine
 
-        return StaticEngine.from_config(config)
+        return StaticEngine.from_config(config, fallback=config.server.engine == "auto")
     return HFEngine.from_config(config)
 
 

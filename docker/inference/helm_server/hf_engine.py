@@ -13,7 +13,9 @@ import functools
 import inspect
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PretrainedConfig
@@ -230,7 +232,56 @@ def _generator(device: torch.device, seed: int | None) -> torch.Generator:
     return gen
 
 
-class HFEngine:
+def checked_eos(eos_token_ids: list[int], vocab_size: int) -> frozenset[int]:
+    bad = [i for i in eos_token_ids if i >= vocab_size]
+    if bad:
+        raise ValueError(
+            f"generation.eos_token_ids {bad} are outside the model's vocabulary (size {vocab_size}); "
+            "set the spec's eos_token_ids to the served model's end-of-text ids"
+        )
+    return frozenset(eos_token_ids)
+
+
+def decode_loop(next_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, eos: torch.Tensor,
+                should_stop: StopCheck, feed: Callable[[torch.Tensor, int], torch.Tensor]) -> Generation:
+    """sample -> score -> stop checks -> `feed` the token for the next logits, until eos, a stop or the length.
+
+    Scores stay on the device until one copy at the end. Shared by both engines; `feed` is theirs.
+    """
+    eos_ids = set(eos.tolist())
+    chosen: list[int] = []
+    scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    finish = "length"
+    for step in range(params.max_new_tokens):
+        token = sample(next_logits, params, generator, eos if step < params.min_new_tokens else None)
+        token_id = int(token)
+        if token_id in eos_ids:
+            finish = "eos"
+            break
+        chosen.append(token_id)
+        scores.append(score(next_logits, token, params.top_logprobs))
+        if should_stop(chosen):
+            finish = "stop"
+            break
+        if step + 1 < params.max_new_tokens:
+            next_logits = feed(token, token_id)
+    completion = _to_host(torch.tensor(chosen), *(torch.stack(s) for s in zip(*scores))) if chosen else []
+    return Generation(prompt=[], completion=completion, finish_reason=finish)
+
+
+class Tokenizing:
+    """The text side both engines share: the served model's tokenizer."""
+
+    tokenizer: object
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+
+class HFEngine(Tokenizing):
     """Batch-1 generation with a dynamic KV cache on any transformers causal LM."""
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device) -> None:
@@ -238,25 +289,13 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.device = device
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        bad = [i for i in eos_token_ids if i >= self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"generation.eos_token_ids {bad} are outside the model's vocabulary (size {self.vocab_size}); "
-                "set the spec's eos_token_ids to the served model's end-of-text ids"
-            )
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.eos_token_ids = checked_eos(eos_token_ids, self.vocab_size)
         self._eos = torch.tensor(sorted(self.eos_token_ids), device=device)
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> "HFEngine":
         device = pick_device(config.server.device)
         return cls(load_model(config, device), load_tokenizer(config.model), config.generation.eos_token_ids, device)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Generation:
@@ -266,26 +305,6 @@ class HFEngine:
         cache = DynamicCache()
         logits = prefill(self.model, input_ids, cache, all_positions=params.echo_prompt and bool(prompt_ids))
         prompt_scored = score_prompt(logits, input_ids[0], params.top_logprobs) if params.echo_prompt and prompt_ids else []
-        next_logits = logits[-1]
-
-        generator = _generator(self.device, params.seed)
-        chosen: list[int] = []
-        scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # on the device until the end
-        finish = "length"
-        for step in range(params.max_new_tokens):
-            banned = self._eos if step < params.min_new_tokens else None
-            token = sample(next_logits, params, generator, banned)
-            token_id = int(token)
-            if token_id in self.eos_token_ids:
-                finish = "eos"
-                break
-            chosen.append(token_id)
-            scores.append(score(next_logits, token, params.top_logprobs))
-            if should_stop(chosen):
-                finish = "stop"
-                break
-            if step + 1 < params.max_new_tokens:
-                next_logits = decode_one_token(self.model, token, cache)
-
-        completion = _to_host(torch.tensor(chosen), *(torch.stack(s) for s in zip(*scores))) if chosen else []
-        return Generation(prompt=prompt_scored, completion=completion, finish_reason=finish)
+        generated = decode_loop(logits[-1], params, _generator(self.device, params.seed), self._eos, should_stop,
+                                lambda token, _: decode_one_token(self.model, token, cache))
+        return replace(generated, prompt=prompt_scored)

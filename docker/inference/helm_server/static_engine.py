@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .engine import Generation, SamplingParams, ScoredToken, StopCheck
-from .hf_engine import _generator, _to_host, load_model, load_tokenizer, pick_device, sample, score
+from .hf_engine import (HFEngine, Tokenizing, _generator, _to_host, checked_eos, decode_loop, load_model, load_tokenizer,
+                        pick_device, score)
 from .settings import ServeConfig
 
 log = logging.getLogger("helm_server.engine")
@@ -321,7 +322,7 @@ def score_cached_prompt(w: Weights, cache: Cache, prompt: list[int], k: int) -> 
     return scored
 
 
-class StaticEngine:
+class StaticEngine(Tokenizing):
     """Batch-1 generation over a static cache of `context_length` positions."""
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device, context_length: int,
@@ -330,11 +331,7 @@ class StaticEngine:
         self.reuse = reuse  # off only to measure what prefix reuse saves
         self.w = weights_of(model)
         self.vocab_size = int(unwrap(model).get_output_embeddings().weight.shape[0])
-        bad = [i for i in eos_token_ids if i >= self.vocab_size]
-        if bad:
-            raise ValueError(f"generation.eos_token_ids {bad} are outside the model's vocabulary (size "
-                             f"{self.vocab_size}); set the spec's eos_token_ids to the served model's end-of-text ids")
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.eos_token_ids = checked_eos(eos_token_ids, self.vocab_size)
         self._eos = torch.tensor(sorted(self.eos_token_ids), device=device)
         dtype = self.w.embed.weight.dtype
         hidden = self.w.embed.weight.shape[1]
@@ -345,20 +342,22 @@ class StaticEngine:
         self.reused_tokens = 0  # prompt tokens served from the cache, for logs and benchmarks
 
     @classmethod
-    def from_config(cls, config: ServeConfig) -> "StaticEngine":
+    def from_config(cls, config: ServeConfig, fallback: bool = False):
+        """Load and warm up; `fallback` (engine = "auto"): a model this forward cannot run is served by the HF engine."""
         device = pick_device(config.server.device)
         model = load_model(config, device)
+        tokenizer = load_tokenizer(config.model)
+        try:
+            weights_of(model)
+        except UnsupportedModel as e:
+            if not fallback:
+                raise
+            log.warning("static engine: %s; serving with the hf engine instead", e)
+            return HFEngine(model, tokenizer, config.generation.eos_token_ids, device)
         if config.adapter is not None and not _quantized(model):
             log.info("static engine: merging the LoRA adapter into the %s weights", unwrap(model).dtype)
             model = model.merge_and_unload()
-        return cls(model, load_tokenizer(config.model), config.generation.eos_token_ids, device,
-                   config.generation.context_length)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        return cls(model, tokenizer, config.generation.eos_token_ids, device, config.generation.context_length)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Generation:
@@ -373,26 +372,9 @@ class StaticEngine:
                          if params.echo_prompt and prompt_ids else [])
         next_logits = self.w.lm_head(self.cache.hidden[len(context) - 1])
 
-        generator = _generator(self.device, params.seed)
-        chosen: list[int] = []
-        scores = []  # on the device until the end
-        finish = "length"
-        for n in range(params.max_new_tokens):
-            token = sample(next_logits, params, generator, self._eos if n < params.min_new_tokens else None)
-            token_id = int(token)
-            if token_id in self.eos_token_ids:
-                finish = "eos"
-                break
-            chosen.append(token_id)
-            scores.append(score(next_logits, token, params.top_logprobs))
-            if should_stop(chosen):
-                finish = "stop"
-                break
-            if n + 1 < params.max_new_tokens:
-                next_logits = decode_one_token(self.steps, self.cache, token, token_id)
-
-        completion = _to_host(torch.tensor(chosen), *(torch.stack(s) for s in zip(*scores))) if chosen else []
-        return Generation(prompt=prompt_scored, completion=completion, finish_reason=finish)
+        generated = decode_loop(next_logits, params, _generator(self.device, params.seed), self._eos, should_stop,
+                                lambda token, token_id: decode_one_token(self.steps, self.cache, token, token_id))
+        return replace(generated, prompt=prompt_scored)
 
 
 def _quantized(model) -> bool:
