@@ -83,21 +83,25 @@ def run_helm(wrap: Wrap, url: str, conf: Path, suite: str, max_eval: int, work: 
     total, started, current = "?", 1, "(before any run)"
     with open(work / "helm-run.log", "w", encoding="utf-8") as log, subprocess.Popen(
             cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if m := _SPECS.search(line):
-                total = m[1]
-            elif m := _RUNNING.search(line):
-                current = m[1]
-                say(f"run {started}/{total}: {current}")
-                started += 1
-            elif m := _SERVER_ERROR.search(line):
-                outcome.server_errors[current] = outcome.server_errors.get(current, 0) + 1
-                outcome.last_error = m[1]
-            elif m := _GAVE_UP.search(line):
-                outcome.gave_up[current] = outcome.gave_up.get(current, 0) + 1
-            elif m := _FAILED.search(line):
-                outcome.failed = [r.strip().strip('"') for r in m[1].split(",") if r.strip()]
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if m := _SPECS.search(line):
+                    total = m[1]
+                elif m := _RUNNING.search(line):
+                    current = m[1]
+                    say(f"run {started}/{total}: {current}")
+                    started += 1
+                elif m := _SERVER_ERROR.search(line):
+                    outcome.server_errors[current] = outcome.server_errors.get(current, 0) + 1
+                    outcome.last_error = m[1]
+                elif m := _GAVE_UP.search(line):
+                    outcome.gave_up[current] = outcome.gave_up.get(current, 0) + 1
+                elif m := _FAILED.search(line):
+                    outcome.failed = [r.strip().strip('"') for r in m[1].split(",") if r.strip()]
+        except BaseException:  # Ctrl-C, SIGTERM: helm-run goes too
+            proc.terminate()
+            raise
     outcome.exit_code = proc.returncode
     return outcome
 

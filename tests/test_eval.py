@@ -140,6 +140,34 @@ def test_eval_runs_helm_and_reports_every_scenario(helm_venv, tiny_model_dir, tm
     assert compare.returncode == 0 and "simple_mcqa" in compare.stdout and "1.00x" in compare.stdout
 
 
+def test_an_interrupted_eval_writes_nothing_and_a_rerun_replaces_the_suite(helm_venv, tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    from helm_server.app import create_app
+
+    slow = breaking(create_app(make_config(tiny_model_dir, context_length=2048)), "/process", b"Parity:")
+    with serving(slow) as url:  # simple_classification's requests fail and HELM backs off: time to interrupt
+        cmd = [sys.executable, "-m", "evaluation", "submission-1", "--offline", "--url", url, "--out", str(tmp_path),
+               "--max-eval-instances", "1"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stderr:
+            if "run 2/2" in line:
+                break
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "nothing was written" in err
+    assert not list((tmp_path / "submission-1").iterdir())  # no suite, no partial folder
+
+    from helm_server.app import create_app as fresh
+
+    with serving(fresh(make_config(tiny_model_dir, context_length=2048))) as url:
+        for _ in range(2):
+            assert evaluate(url, tmp_path, "--max-eval-instances", "1").returncode == 0
+    assert [p.name for p in (tmp_path / "submission-1").iterdir()] == ["offline"]
+
+
 def test_a_server_failing_one_scenario_fails_the_eval_naming_it(helm_venv, tiny_model_dir, tmp_path):
     """A 500 on /process for simple_classification's prompts only: that run fails, named; the other passes."""
     from helm_server.app import create_app
