@@ -36,7 +36,7 @@ def _value(row: ScenarioRow | None) -> str:
 
 
 def render(a_name: str, a: dict[str, ScenarioRow], b_name: str, b: dict[str, ScenarioRow]) -> str:
-    head = f"{'scenario':<22} {'metric':<24} {'A':>7} {'B':>7} {'B-A':>7}  {'A s/req':>8} {'B s/req':>8} {'B/A time':>8}"
+    head = f"{'scenario':<22} {'metric':<24} {'A':>7} {'B':>7} {'B-A':>7}  {'A s/req':>8} {'B s/req':>8} {'B/A s/req':>9}"
     lines = [f"A = {a_name}", f"B = {b_name}", head, "-" * len(head)]
     for scenario in dict.fromkeys([*a, *b]):
         ra, rb = a.get(scenario), b.get(scenario)
@@ -44,8 +44,8 @@ def render(a_name: str, a: dict[str, ScenarioRow], b_name: str, b: dict[str, Sce
         delta = (f"{rb.value - ra.value:+.3f}" if ra and rb and ra.value is not None and rb.value is not None else "-")
         ta = f"{ra.per_request_s:.3f}" if ra else "-"
         tb = f"{rb.per_request_s:.3f}" if rb else "-"
-        ratio = f"{rb.seconds / ra.seconds:.2f}x" if ra and rb and ra.seconds > 0 else "-"
-        lines.append(f"{scenario:<22} {metric:<24} {_value(ra):>7} {_value(rb):>7} {delta:>7}  {ta:>8} {tb:>8} {ratio:>8}")
+        ratio = f"{rb.per_request_s / ra.per_request_s:.2f}x" if ra and rb and ra.per_request_s > 0 else "-"
+        lines.append(f"{scenario:<22} {metric:<24} {_value(ra):>7} {_value(rb):>7} {delta:>7}  {ta:>8} {tb:>8} {ratio:>9}")
     return "\n".join(lines)
 
 
