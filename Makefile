@@ -63,7 +63,7 @@ local-inputs:
 	done
 
 help: ## list the targets
-	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n] [PASSAGES=n]"
+	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n] [PASSAGES=n] [CONF=file] [SUITE=name] [URL=url] [MAX_EVAL_INSTANCES=n]"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
