@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "docker" / "inference")]
 
 from evaluation.conf import CHALLENGE_SAMPLE, RunEntry, read_conf  # noqa: E402
+from gptq_kernels import bytes_per_token  # noqa: E402
 
 BUDGET_S = 2 * 3600  # the challenge's limit for the sample evaluation on one 4090
 EOS = 151643
@@ -260,11 +261,6 @@ def gpu_figures() -> tuple[str, tuple[float, float]]:
     return name, GPUS["H100"]
 
 
-def weight_bytes(model) -> int:
-    """Bytes a decode step reads from the weights: every tensor but the input embedding (one row is read)."""
-    return sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
-
-
 def decode_rate(engine, prompt_ids: list[int], new: int) -> float:
     """Seconds per decode step: (time for 1 + new tokens - time for 1 token) / new, best of three."""
     from helm_server.engine import SamplingParams
@@ -364,7 +360,7 @@ def on_device(args, timed, totals) -> int:
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=16, target_modules=targets)).eval()
         kind += f" + unmerged LoRA r={args.lora}"
-    read = weight_bytes(model)
+    read = bytes_per_token(model)
     print(f"{name}: {kind}, {args.shape} shape, {read / 2**30:.2f} GiB read per decode step, "
           f"{gpu[0] / 1e12:.2f} TB/s spec bandwidth -> bound {gpu[0] / read:.1f} tokens/s")
 

@@ -32,10 +32,9 @@ from packager.paths import REPO, SUBMISSIONS
 
 from .budget import project
 from .conf import CHALLENGE_SAMPLE, OFFLINE, ConfError, read_conf
-from .results import as_json, by_scenario, read_suite, table
+from .results import EVAL_ROOT, as_json, by_scenario, read_suite, table
 
 HELM_VENV = REPO / ".venv-helm"
-EVAL_ROOT = REPO / "build" / "eval"
 OFFLINE_INSTANCES = 10  # the offline profile's default: seconds on a CPU
 CONF_INSTANCES = 1000  # helm-run needs a value; the challenge conf's entries each set their own, which wins
 _RUNNING = re.compile(r"INFO\s+Running (\S+) \{")

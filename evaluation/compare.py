@@ -13,9 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .results import ScenarioRow, by_scenario, from_json
-
-EVAL_ROOT = Path(__file__).resolve().parent.parent / "build" / "eval"
+from .results import EVAL_ROOT, ScenarioRow, by_scenario, from_json
 
 
 def locate(given: str) -> Path:

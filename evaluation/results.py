@@ -23,6 +23,7 @@ MAIN_METRIC = {
     "simple_classification": "exact_match",
 }
 DEFAULT_METRIC = "exact_match"
+EVAL_ROOT = Path(__file__).resolve().parent.parent / "build" / "eval"  # make eval-N's suites: NAME/SUITE
 
 
 @dataclass(frozen=True)

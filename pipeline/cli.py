@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 from packager.paths import SUBMISSIONS
 from packager.spec import SpecError, load_spec, spec_path
@@ -29,10 +30,17 @@ def add_run_switches(p: argparse.ArgumentParser, budget_help: str) -> None:
     p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
 
 
-def interrupted(resume: str) -> int:
-    """Ctrl-C in a resumable stage: one line saying how to go on, not a traceback; the shell's 130."""
-    print(f"interrupted: {resume}", file=sys.stderr)
-    return 130
+def run_stage(action: Callable[[], int], errors: tuple[type[BaseException], ...], resume: str) -> int:
+    """A resumable stage's body: a known error is one line and status 2; Ctrl-C one line saying how to go on
+    (`resume`) and the shell's 130, not a traceback."""
+    try:
+        return action()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {resume}", file=sys.stderr)
+        return 130
 
 
 def check_local_inputs(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from packager.paths import REPO
 from packager.spec import SpecError, rating_prompt
 
-from ..cli import add_run_switches, check_local_inputs, interrupted, spec_with, stage_parser
+from ..cli import add_run_switches, check_local_inputs, run_stage, spec_with, stage_parser
 from ..hub import SourceError, model_folder, weights_fingerprint
 from ..train.__main__ import Options, TrainError, pad_token_id, train_adapter
 from ..train.checkpoint import CheckpointError
@@ -290,14 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.passages is not None and args.passages <= 0:
         p.error(f"--passages {args.passages}: must be a positive number")
-    try:
+    def body() -> int:
         check_local_inputs(args)
         return run_all(args)
-    except (SpecError, SourceError, PassageError, HumpbackError, TrainError, ModelError, CheckpointError, BudgetError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return interrupted("run it again to continue; finished shards and training checkpoints are kept")
+
+    return run_stage(body, (SpecError, SourceError, PassageError, HumpbackError, TrainError, ModelError, CheckpointError,
+                            BudgetError, ValueError),
+                     "run it again to continue; finished shards and training checkpoints are kept")
 
 
 if __name__ == "__main__":

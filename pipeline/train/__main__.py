@@ -19,7 +19,7 @@ from pathlib import Path
 from packager.paths import REPO
 from packager.spec import SpecError
 
-from ..cli import add_run_switches, interrupted, spec_with
+from ..cli import add_run_switches, run_stage, spec_with
 from ..hub import SourceError, model_folder, weights_fingerprint
 from ..staging import staged_folder, write_json
 from ..data.__main__ import DATA
@@ -253,13 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and not value.is_dir():
             print(f"error: {flag}={value}: not a folder", file=sys.stderr)
             return 2
-    try:
-        return run(args)
-    except (SpecError, SourceError, TrainError, ModelError, CheckpointError, plan.BudgetError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return interrupted("run it again to resume from the newest checkpoint")
+    return run_stage(lambda: run(args), (SpecError, SourceError, TrainError, ModelError, CheckpointError,
+                                         plan.BudgetError, ValueError),
+                     "run it again to resume from the newest checkpoint")
 
 
 if __name__ == "__main__":

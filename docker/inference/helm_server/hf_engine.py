@@ -243,12 +243,12 @@ def checked_eos(eos_token_ids: list[int], vocab_size: int) -> frozenset[int]:
 
 
 def decode_loop(next_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, eos: torch.Tensor,
-                should_stop: StopCheck, feed: Callable[[torch.Tensor, int], torch.Tensor]) -> Generation:
+                eos_ids: frozenset[int], should_stop: StopCheck,
+                feed: Callable[[torch.Tensor, int], torch.Tensor]) -> Generation:
     """sample -> score -> stop checks -> `feed` the token for the next logits, until eos, a stop or the length.
 
     Scores stay on the device until one copy at the end. Shared by both engines; `feed` is theirs.
     """
-    eos_ids = set(eos.tolist())
     chosen: list[int] = []
     scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     finish = "length"
@@ -305,6 +305,7 @@ class HFEngine(Tokenizing):
         cache = DynamicCache()
         logits = prefill(self.model, input_ids, cache, all_positions=params.echo_prompt and bool(prompt_ids))
         prompt_scored = score_prompt(logits, input_ids[0], params.top_logprobs) if params.echo_prompt and prompt_ids else []
-        generated = decode_loop(logits[-1], params, _generator(self.device, params.seed), self._eos, should_stop,
+        generated = decode_loop(logits[-1], params, _generator(self.device, params.seed), self._eos,
+                                self.eos_token_ids, should_stop,
                                 lambda token, _: decode_one_token(self.model, token, cache))
         return replace(generated, prompt=prompt_scored)

@@ -97,10 +97,8 @@ def unwrap(model) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def weights_of(model) -> Weights:
-    """Map a transformers decoder onto `Weights`, refusing what this forward would get wrong."""
-    lm = unwrap(model)
-    config = lm.config
+def check_supported(config) -> None:
+    """Refuse what this forward would get wrong."""
     if config.model_type not in ARCHITECTURES:
         raise UnsupportedModel(f"model_type {config.model_type!r}: the static engine runs {sorted(ARCHITECTURES)}; "
                                'set [server] engine = "hf" in the spec')
@@ -110,6 +108,13 @@ def weights_of(model) -> Weights:
     if rope.get("rope_type", rope.get("type")) in LENGTH_DEPENDENT_ROPE:
         raise UnsupportedModel(f"rope {rope}: its tables change with the sequence length, which a static cache "
                                'cannot follow; set [server] engine = "hf"')
+
+
+def weights_of(model) -> Weights:
+    """Map a transformers decoder onto `Weights` (fusing plain projections: see `fused`)."""
+    lm = unwrap(model)
+    config = lm.config
+    check_supported(config)
     attn = lm.model.layers[0].self_attn
     layers = [Layer(l.input_layernorm, qkv_of(l.self_attn), l.self_attn.o_proj, l.post_attention_layernorm,
                     mlp_of(l.mlp)) for l in lm.model.layers]
@@ -348,7 +353,7 @@ class StaticEngine(Tokenizing):
         model = load_model(config, device)
         tokenizer = load_tokenizer(config.model)
         try:
-            weights_of(model)
+            check_supported(unwrap(model).config)
         except UnsupportedModel as e:
             if not fallback:
                 raise
@@ -372,7 +377,8 @@ class StaticEngine(Tokenizing):
                          if params.echo_prompt and prompt_ids else [])
         next_logits = self.w.lm_head(self.cache.hidden[len(context) - 1])
 
-        generated = decode_loop(next_logits, params, _generator(self.device, params.seed), self._eos, should_stop,
+        generated = decode_loop(next_logits, params, _generator(self.device, params.seed), self._eos,
+                                self.eos_token_ids, should_stop,
                                 lambda token, token_id: decode_one_token(self.steps, self.cache, token, token_id))
         return replace(generated, prompt=prompt_scored)
 
