@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -38,7 +39,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "docker" / "inference")]
 
-from evaluation.conf import CHALLENGE_SAMPLE, RunEntry, read_conf  # noqa: E402
+from evaluation.conf import CHALLENGE_SAMPLE, ConfError, RunEntry, read_conf  # noqa: E402
 from gptq_kernels import bytes_per_token  # noqa: E402
 
 BUDGET_S = 2 * 3600  # the challenge's limit for the sample evaluation on one 4090
@@ -154,7 +155,10 @@ def http_server(url: str) -> Serve:
         body = {"prompt": r.prompt, "max_new_tokens": r.max_new_tokens, "temperature": r.temperature or 1e-7,
                 "stop_sequences": list(r.stop), "echo_prompt": r.echo, "top_k_per_token": 1, "num_return_sequences": 1}
         started = time.perf_counter()
-        answer = requests.post(f"{url}/process", json=body, timeout=600)
+        try:
+            answer = requests.post(f"{url}/process", json=body, timeout=600)
+        except requests.RequestException as e:
+            raise SystemExit(f"error: {url}/process: {e}; is the submission running (make serve-N)?") from None
         seconds = time.perf_counter() - started
         if answer.status_code != 200:
             raise SystemExit(f"{url}/process answered {answer.status_code}: {answer.text[:300]}")
@@ -316,7 +320,12 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    timed, totals = the_mix(args.conf, args.runs, args.instances)
+    if args.url and not re.match(r"https?://[^/\s]+", args.url):
+        ap.error(f"--url {args.url!r}: give the server's base URL, e.g. http://127.0.0.1:8080")
+    try:
+        timed, totals = the_mix(args.conf, args.runs, args.instances)
+    except ConfError as e:
+        ap.error(str(e))
     total_requests = sum(totals.values())
     print(f"conf {args.conf.name}: {total_requests} requests in the whole mix; timing {len(timed)} "
           f"({args.runs} runs x {args.instances} instances per scenario)")

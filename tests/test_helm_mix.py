@@ -25,3 +25,15 @@ def test_helm_mix_replays_every_scenario_against_a_running_server(tiny_model_dir
 def test_make_helm_mix_without_url_says_how():
     done = subprocess.run(["make", "-s", "helm-mix"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "URL=http://127.0.0.1:8080" in done.stderr
+
+
+def test_a_wrong_url_or_conf_is_one_clear_line():
+    def run(*args):
+        return subprocess.run([sys.executable, "benchmarks/helm_mix.py", *args], cwd=REPO, capture_output=True, text=True)
+
+    bad = run("--url", "localhost:8080")
+    assert bad.returncode == 2 and "http://127.0.0.1:8080" in bad.stderr and "Traceback" not in bad.stderr
+    down = run("--url", "http://127.0.0.1:9", "--runs", "1", "--instances", "1")
+    assert down.returncode != 0 and "is the submission running" in down.stderr and "Traceback" not in down.stderr
+    missing = run("--url", "http://127.0.0.1:9", "--conf", "nope.conf")
+    assert missing.returncode == 2 and "CONF=" in missing.stderr
