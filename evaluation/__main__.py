@@ -162,7 +162,8 @@ def evaluate(args) -> int:
     if helm.failed:
         problems.append("failed runs: " + ", ".join(helm.failed))
     elif helm.exit_code != 0:
-        problems.append(f"helm-run exited with {helm.exit_code}: see {final}/helm-run.log")
+        last = next((l for l in reversed((final / "helm-run.log").read_text(errors="replace").splitlines()) if l.strip()), "")
+        problems.append(f"helm-run exited with {helm.exit_code} ({last.strip()[:200]}): see {final}/helm-run.log")
     if helm.gave_up:
         problems.append("server calls HELM gave up on (its statistics are wrong) in " +
                         ", ".join(f"{run} ({n})" for run, n in helm.gave_up.items()))
