@@ -142,7 +142,7 @@ tiny-model: $(STAMP) ## write the tiny Qwen-shaped stand-in model to build/tiny-
 	$(PY) -m packager.tiny_model build/tiny-model
 
 tiny-gptq: $(STAMP) ## write the tiny stand-in quantized to 8-bit GPTQ to build/tiny-gptq/
-	$(PY) -m packager.tiny_model build/tiny-gptq --gptq
+	$(PY) -m pipeline.quantize.tiny build/tiny-gptq
 
 # HELM itself lives in .venv-helm/ (its requirements conflict with the toolkit's), from a pinned lock.
 HELM_VENV  := .venv-helm

@@ -12,7 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.staging import staged_folder
+from .staging import staged_folder
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can record
 

@@ -20,7 +20,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from helm_server.settings import GenerationSettings, ModelSource, ServedModel, ServerSettings
-from pipeline.train.targets import describe, resolve
+from .lora_targets import describe, resolve
 
 SPEC_FILE = "spec.toml"
 CHALLENGE_PORT = 80

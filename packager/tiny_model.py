@@ -52,7 +52,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     # Qwen's specials in Qwen's order: <|endoftext|> (151643), <|im_start|>, <|im_end|>, <|extra_0..204|>
-    from pipeline.convert.tokenizer import SPECIAL_TOKENS
+    from .qwen import SPECIAL_TOKENS
 
     tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
     assert tok.token_to_id("<|endoftext|>") == QWEN_EOS_ID
@@ -82,7 +82,7 @@ def build_model(seed: int = 0):
 
 def save_tiny_model(directory: Path) -> Path:
     """Write model and tokenizer in Hugging Face format; return the directory."""
-    from pipeline.staging import readable
+    from .staging import readable
 
     directory.mkdir(parents=True, exist_ok=True)
     build_model().save_pretrained(directory)
@@ -100,38 +100,9 @@ def stand_in(folder: Path | None = None) -> Path:
     return folder
 
 
-def save_tiny_gptq(directory: Path, seed: int = 0, model=None) -> Path:
-    """The tiny model (or `model`, one of its shape) quantized to 8-bit GPTQ (group 32) by the quantize
-    stage's own GPTQModel run.
-
-    Calibration is random token windows: the point is a real GPTQ artifact in the
-    layout `make quantize-N` writes, small enough to serve on a CPU.
-    """
-    import tempfile
-
-    import torch
-
-    from pipeline.quantize.gptq import run_gptq
-    from pipeline.staging import staged_folder
-
-    from .spec import Quantization
-
-    g = torch.Generator().manual_seed(seed)
-    windows = torch.randint(0, 600, (4, 64), generator=g).tolist()
-    with tempfile.TemporaryDirectory(prefix="tiny-fp-") as tmp, staged_folder(directory) as staged:
-        save_tiny_model(Path(tmp))
-        if model is not None:
-            model.save_pretrained(tmp)
-        run_gptq(Path(tmp), staged, Quantization(bits=8, group_size=32), windows, torch.device("cpu"), Path(tmp) / "logs")
-    return directory
-
-
 if __name__ == "__main__":
     import sys
 
-    args = sys.argv[1:]
-    gptq = "--gptq" in args
-    paths = [a for a in args if a != "--gptq"]
-    if len(paths) != 1:
-        raise SystemExit("usage: python -m packager.tiny_model OUTPUT_DIR [--gptq]")
-    print((save_tiny_gptq if gptq else save_tiny_model)(Path(paths[0])))
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m packager.tiny_model OUTPUT_DIR")
+    print(save_tiny_model(Path(sys.argv[1])))

@@ -30,7 +30,7 @@ CODE = {
     "pipeline": REPO / "pipeline",
     "helm_server": INFERENCE / "helm_server",
 }
-PACKAGER_FILES = ["__init__.py", "paths.py", "spec.py", "budget.py", "data/models.toml", "data/gpus.toml"]
+PACKAGER_FILES = ["__init__.py", "paths.py", "spec.py", "budget.py", "lora_targets.py", "qwen.py", "staging.py", "data/models.toml", "data/gpus.toml"]
 
 
 def _sources(name: str, folder: Path) -> dict[str, bytes]:

@@ -161,7 +161,7 @@ def test_failed_validation_prints_logs_and_removes_the_container(tmp_path, capsy
 def test_offline_container_serves_a_tiny_gptq_artifact(tmp_path):
     """`make validate-1 OFFLINE=1 MODEL=<tiny gptq>`: GPTQModel from the wheelhouse, no C compiler in the image."""
     docker, _ = _docker_or_skip()
-    from packager.tiny_model import save_tiny_gptq
+    from pipeline.quantize.tiny import save_tiny_gptq
     from packager.validate import validate
 
     model = save_tiny_gptq(tmp_path / "tiny-gptq")

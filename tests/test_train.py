@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from packager.tiny_model import save_tiny_gptq
+from pipeline.quantize.tiny import save_tiny_gptq
 from pipeline.data import __main__ as data
 from pipeline.train import __main__ as train
-from pipeline.train import plan, targets
+from packager import lora_targets as targets
+from pipeline.train import plan
 from tiny_world import write_world
 
 @pytest.fixture(scope="module")

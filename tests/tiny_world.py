@@ -96,7 +96,7 @@ def train_rater(steps: int = 80, seed: int = 0):
 
 def save_rater_gptq(directory: Path) -> Path:
     """`train_rater`'s model quantized like the tiny stand-in: the Humpback stage's base in tests and CI."""
-    from packager.tiny_model import save_tiny_gptq
+    from pipeline.quantize.tiny import save_tiny_gptq
 
     return save_tiny_gptq(directory, model=train_rater())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..staging import staged_folder
+from packager.staging import staged_folder
 from .config import ConfigError, exact_context, qwen2_config
 from .tensors import LAYER_MODULES, TensorMapError, map_tensor
 from .tokenizer import convert_tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..staging import staged_folder
+from packager.staging import staged_folder
 from .checkpoint import ConvertError
 from .tensors import TensorMapError, map_module
 

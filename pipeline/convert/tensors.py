@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from .names import LAYER_MODULES
+from packager.qwen import LAYER_MODULES
 
 LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 

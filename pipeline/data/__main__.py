@@ -13,7 +13,7 @@ from packager.spec import SpecError
 
 from ..cli import check_local_inputs, spec_with, stage_parser
 from ..hub import TOKENIZER_FILES, SourceError, dataset_files, model_folder
-from ..staging import staged_folder
+from packager.staging import staged_folder
 from . import arc, humpback, lima, oasst1
 from .manifest import DataLossError, check, file_sha256, source_entry, table
 from .source import Loaded

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..staging import staged_folder
+from packager.staging import staged_folder
 from .rate import SCORES
 
 DATA_FILE = "data/train-00000-of-00001.parquet"

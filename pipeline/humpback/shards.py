@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from ..staging import write_json
+from packager.staging import write_json
 
 
 def digest(*parts: object) -> str:

@@ -17,7 +17,7 @@ from ..cli import check_local_inputs, spec_with, stage_parser
 from ..convert import ConvertError, as_qwen2
 from ..device import emulate_4090
 from ..hub import SourceError, dataset_files, model_folder, weights_fingerprint
-from ..staging import staged_folder, write_json
+from packager.staging import staged_folder, write_json
 from .calibration import calibration_windows, heldout_windows, split_text, windows_sha256
 from .plan import LayerShape, project
 

@@ -21,7 +21,7 @@ from packager.spec import SpecError
 
 from ..cli import add_run_switches, run_stage, spec_with
 from ..hub import SourceError, model_folder, weights_fingerprint
-from ..staging import staged_folder, write_json
+from packager.staging import staged_folder, write_json
 from ..data.__main__ import DATA
 from . import checkpoint, curves, plan
 from .checkpoint import CheckpointError, Position

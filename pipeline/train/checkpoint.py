@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..staging import staged_folder
+from packager.staging import staged_folder
 
 NAME = re.compile(r"^step-(\d{6,})$")
 STATE = "state.json"

@@ -46,7 +46,7 @@ def add_lora(model, lora, gradient_checkpointing: bool, base_repo: str):
     """Freeze the base, wrap it with LoRA on the spec's (resolved) modules; only LoRA weights train."""
     from peft import LoraConfig, get_peft_model
 
-    from .targets import peft_targets
+    from packager.lora_targets import peft_targets
 
     for p in model.parameters():
         p.requires_grad_(False)

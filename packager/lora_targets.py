@@ -11,7 +11,7 @@ Qwen-14B). No module of this file imports torch: the spec validates with it.
 
 from __future__ import annotations
 
-from pipeline.convert.names import LAYER_MODULES
+from .qwen import LAYER_MODULES
 
 # The Qwen2 modules LoRA may target (inside each decoder layer).
 QWEN2_LINEAR = (

@@ -1,4 +1,5 @@
-"""Qwen (v1) module names -> Qwen2 module names, as data (no torch: the spec checks LoRA targets with it)."""
+"""Qwen (v1) facts as data, below both the packager and the pipeline (no torch: the spec checks LoRA targets with it):
+module names -> Qwen2 module names, and the special tokens in Qwen's order."""
 
 from __future__ import annotations
 
@@ -12,3 +13,7 @@ LAYER_MODULES: dict[str, tuple[str, ...]] = {
     "mlp.w2": ("mlp.gate_proj",),
     "mlp.c_proj": ("mlp.down_proj",),
 }
+
+# Qwen's specials in Qwen's order: <|endoftext|> (151643), <|im_start|>, <|im_end|>, <|extra_0..204|>.
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_TOKENS = [ENDOFTEXT, "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
