@@ -20,7 +20,7 @@ OFFLINE_DEPS := $(if $(call yes,$(OFFLINE)),base-image wheelhouse)
 MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 .DEFAULT_GOAL := help
-.PHONY: helm-venv helm-lock eval-compare helm-mix prune local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
+.PHONY: docs helm-venv helm-lock eval-compare helm-mix prune local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
 # Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data, train), DRY_RUN=1,
 # BUDGET=ignore (quantize, train, humpback), STEPS=n (train), PASSAGES=n (humpback), HUMPBACK=dir (data, train:
@@ -66,10 +66,10 @@ help: ## list the targets
 	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n] [PASSAGES=n] [CONF=file] [SUITE=name] [URL=url] [MAX_EVAL_INSTANCES=n]"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(STAMP): requirements/dev.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
+$(STAMP): requirements/dev.txt requirements/docs.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "creating $(VENV)/ with the pinned dev and test dependencies (a few minutes the first time)"
-	$(PIP) install --progress-bar on -r requirements/dev.txt
+	$(PIP) install --progress-bar on -r requirements/dev.txt -r requirements/docs.txt
 	$(PIP) install -q --no-deps -r requirements/helm.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
@@ -185,6 +185,9 @@ lock: $(STAMP) ## re-resolve docker/inference/requirements.in into requirements.
 
 prune: $(STAMP) ## remove the toolkit's stale images (older specs' builds, dangling layers); never any other image
 	$(PY) -m packager prune
+
+docs: $(STAMP) ## build the documentation site (docs/, mkdocs.yml) into build/docs/; warnings are errors
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/docs
 
 clean: ## remove dist/ and build/ (keeps .venv/ and Docker images)
 	rm -rf dist build
