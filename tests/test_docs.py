@@ -69,7 +69,8 @@ def code_text(path: Path) -> list[str]:
     text = path.read_text()
     lines = [line for info, body in fences(path) if info.split(" ")[0] in SHELL for line in body.splitlines()]
     prose = FENCE.sub("", text)
-    return lines + re.findall(r"`([^`\n]+)`", prose)
+    indented = re.findall(r"^    ((?:make|\.venv/bin/python|python) .*)$", prose, re.M)  # indented code blocks
+    return lines + indented + re.findall(r"`([^`\n]+)`", prose)
 
 
 def make_commands(path: Path) -> list[list[str]]:
@@ -183,7 +184,7 @@ def test_every_module_and_script_named_exists():
     missing = []
     for page in pages():
         for code in code_text(page):
-            for module in re.findall(r"python -m ([A-Za-z_][\w.]*)", code):
+            for module in (m.rstrip(".") for m in re.findall(r"python -m ([A-Za-z_][\w.]*)", code)):
                 if module not in {"pytest", "mkdocs", "venv", "pip"} and importlib.util.find_spec(module) is None:
                     missing.append(f"{page.relative_to(REPO)}: python -m {module}")
             for script in re.findall(r"python (?!-)(\S+\.py)", code):
