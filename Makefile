@@ -120,6 +120,26 @@ train-%: $(STAMP) ## data-N if needed, then QLoRA -> build/train/submission-N/ad
 humpback-%: $(STAMP) ## Humpback self-augmentation -> build/humpback/submission-N/curated/ (read by data-N); run again to resume
 	$(PY) -m pipeline.humpback $(call name,$*) $(SUBS_FLAG) $(HUMPBACK_FLAGS)
 
+# make plan-N / day-N (the challenge's day): MODEL=dir (the quantized artifact: no quantize), BASE=dir (quantize's
+# local base model), DATA_DIR, OUT (every stage's folder under it), PASSAGES, STEPS, BUDGET=ignore, OFFLINE and STRICT
+# (zip, validate), VALIDATE=0 (end with the zip), EVAL=1 (then make eval-N), JSON=1 (the plan as JSON).
+BASE     ?=
+EVAL     ?=
+VALIDATE ?=
+JSON     ?=
+DAY_FLAGS := $(SUBS_FLAG) $(if $(MODEL),--model $(MODEL)) $(if $(BASE),--base $(BASE)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+             $(if $(OUT),--out $(OUT)) $(if $(PASSAGES),--passages $(PASSAGES)) $(if $(STEPS),--steps $(STEPS)) \
+             $(if $(filter ignore,$(BUDGET)),--budget ignore) $(OFFLINE_FLAG) $(STRICT_FLAG) \
+             $(if $(filter 0 no false,$(VALIDATE)),--no-validate) $(if $(call yes,$(EVAL)),--eval)
+
+plan-%: $(STAMP) ## budget submission-N's whole day against 24 h on a 4090: one table, levers; exit 2 over budget (JSON=1)
+	$(call refuse,ADAPTER,the day trains its own adapter)
+	$(PY) -m pipeline.day plan $(call name,$*) $(DAY_FLAGS) $(if $(call yes,$(JSON)),--json)
+
+day-%: $(STAMP) ## the day: plan, then every stage in order (run again to resume), zip, validate-N, eval-N (EVAL=1), report
+	$(call refuse,ADAPTER,the day trains its own adapter)
+	$(PY) -m pipeline.day run $(call name,$*) $(DAY_FLAGS) --again 'make day-$* $(MAKEOVERRIDES)'
+
 publish-humpback-%: $(STAMP) ## upload build/humpback/submission-N/curated/ to the humpback source's dataset repo (HF_TOKEN)
 	$(PY) -m pipeline.publish $(call name,$*) $(SUBS_FLAG) --humpback $(if $(OUT),--curated $(OUT)/curated)
 

@@ -1,0 +1,107 @@
+"""One stage of the day as a child process: its output to the terminal and to a log, signals passed on.
+
+The child runs in its own process group, so a Ctrl-C (or a kill of the day: INT, TERM, HUP) reaches
+it exactly once, forwarded by the day, and the stage stops the way it always does (a checkpoint, a
+finished shard, exit 130). The day then records where it stopped in state.json, and a second run
+starts over from the first stage: finished stages say "up to date" in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .stages import Stage, child_env
+
+try:  # moving to packager (issue: staging below the pipeline)
+    from packager.staging import write_json
+except ImportError:
+    from ..staging import write_json
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class Outcome:
+    rc: int
+    seconds: float
+    signalled: int | None     # the signal the day passed on, if any
+
+    @property
+    def interrupted(self) -> bool:
+        return self.signalled is not None or self.rc in (130, -signal.SIGINT, 143, -signal.SIGTERM)
+
+
+def run_stage(stage: Stage, log: Path) -> Outcome:
+    """Run `stage`, copying its output (stdout and stderr, as they come) to ours and to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    got: list[int] = []
+    child = subprocess.Popen(stage.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(stage),
+                             process_group=0)
+
+    def forward(signum, _frame) -> None:
+        if not got:  # once: a second Ctrl-C while the stage saves must not cut its checkpoint short
+            got.append(signum)
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        with log.open("ab") as f:
+            f.write(f"\n$ {' '.join(stage.argv)}\n".encode())
+            out = sys.stdout.buffer
+            while True:
+                chunk = os.read(child.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out.write(chunk)
+                out.flush()
+                f.write(chunk)
+        rc = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return Outcome(rc, time.monotonic() - started, got[0] if got else None)
+
+
+class State:
+    """build/day/NAME/state.json: every attempt of every stage (start, seconds here, exit status)."""
+
+    def __init__(self, path: Path, submission: str):
+        import json
+
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        if self.data.get("submission") not in (None, submission):
+            raise ValueError(f"{path} belongs to {self.data['submission']!r}, not {submission!r}: pick another OUT")
+        self.data.setdefault("submission", submission)
+        self.data.setdefault("stages", {})
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].setdefault(name, {"attempts": []})
+
+    def record(self, name: str, command: list[str], outcome: Outcome, status: str) -> None:
+        entry = self.stage(name)
+        entry["command"] = command
+        entry["status"] = status
+        entry["attempts"].append({"ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rc": outcome.rc,
+                                  "seconds": round(outcome.seconds, 1)})
+        self.save()
+
+    def set(self, **fields) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def seconds(self, name: str) -> float:
+        return sum(a["seconds"] for a in self.stage(name)["attempts"])
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
