@@ -105,6 +105,8 @@ def run_day(spec, lay: Layout, sw: Switches, args: argparse.Namespace) -> int:
         return gate
     stages = plan_stages(spec, lay, sw)
     state = State(lay.day / "state.json", spec.name)
+    if (busy := state.still_running()) is not None:
+        raise DayError(busy)
     state.set(plan=plan.to_json(), stages_in_order=[s.name for s in stages], again=again(args))
     rows = {r.stage: r for r in plan.rows}
     rows["eval"] = plan.helm
@@ -112,7 +114,7 @@ def run_day(spec, lay: Layout, sw: Switches, args: argparse.Namespace) -> int:
         before = state.seconds(stage.name)
         spent = f"; {_clock(before)} spent before" if before else ""
         print(f"\n== day {i}/{len(stages)}: {stage.name}: {_planned(rows.get(stage.name))}{spent} ==", flush=True)
-        outcome = run_stage(stage, lay.day / "logs" / f"{stage.name}.log")
+        outcome = run_stage(stage, lay.day / "logs" / f"{stage.name}.log", state)
         took = f"{_clock(outcome.seconds)} here ({_clock(before + outcome.seconds)} in all)"
         if outcome.rc == 0:
             state.record(stage.name, stage.argv, outcome, "done")

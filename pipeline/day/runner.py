@@ -37,19 +37,20 @@ class Outcome:
         return self.signalled is not None or self.rc in (130, -signal.SIGINT, 143, -signal.SIGTERM)
 
 
-def run_stage(stage: Stage, log: Path) -> Outcome:
+def run_stage(stage: Stage, log: Path, state: "State") -> Outcome:
     """Run `stage`, copying its output (stdout and stderr, as they come) to ours and to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     got: list[int] = []
     child = subprocess.Popen(stage.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(stage),
                              process_group=0)
+    state.set(running={"stage": stage.name, "pid": child.pid, "argv": stage.argv})  # a day killed outright leaves this behind
 
     def forward(signum, _frame) -> None:
         if not got:  # once: a second Ctrl-C while the stage saves must not cut its checkpoint short
             got.append(signum)
-            try:
-                child.send_signal(signum)
+            try:  # to the stage's whole group, as a terminal would (make validate-N and what it runs)
+                os.killpg(child.pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -69,6 +70,7 @@ def run_stage(stage: Stage, log: Path) -> Outcome:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    state.set(running=None)
     return Outcome(rc, time.monotonic() - started, got[0] if got else None)
 
 
@@ -99,6 +101,27 @@ class State:
     def set(self, **fields) -> None:
         self.data.update(fields)
         self.save()
+
+    def still_running(self) -> str | None:
+        """A stage a previous day left running (that day was killed outright): never two at once on one folder."""
+        running = self.data.get("running")
+        if not running:
+            return None
+        try:  # alive, and still that command (after a reboot the number may belong to another process)
+            cmdline = Path(f"/proc/{running['pid']}/cmdline").read_bytes().split(b"\0")
+            if [c.decode(errors="replace") for c in cmdline if c] != running.get("argv"):
+                return None
+        except FileNotFoundError:
+            return None
+        except OSError:  # no /proc: ask the kernel whether the process lives
+            try:
+                os.kill(running["pid"], 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+        return (f"{running['stage']} of a previous day is still running (pid {running['pid']}, its process group): "
+                f"wait for it or stop it (kill -INT -- -{running['pid']}), then run the day again")
 
     def seconds(self, name: str) -> float:
         return sum(a["seconds"] for a in self.stage(name)["attempts"])
