@@ -71,6 +71,7 @@ RUN --mount=type=bind,source=requirements.txt,target=/tmp/build/requirements.txt
 COPY models.json ./
 COPY helm_server/__init__.py helm_server/settings.py helm_server/fetch.py ./helm_server/
 COPY pipeline/ ./pipeline/
+COPY packager/ ./packager/
 ARG FETCH_MODELS=1
 RUN --mount=type=secret,id=hf_token,required=false \\
     if [ "$FETCH_MODELS" = "1" ]; then \\

@@ -32,7 +32,10 @@ SHIPPED = {
     SERVER_PACKAGE: INFERENCE / SERVER_PACKAGE,
     "pipeline": REPO / "pipeline",
     "pipeline/convert": REPO / "pipeline" / "convert",
+    "packager": REPO / "packager",
 }
+# Of the packages the image converts weights with, only these files: the converter and what it imports.
+ONLY = {"pipeline": ["__init__.py"], "packager": ["__init__.py", "qwen.py", "staging.py"]}
 
 
 def weights(spec: Spec) -> Weights:
@@ -59,7 +62,7 @@ def server_sources(inference_dir: Path = INFERENCE) -> dict[str, bytes]:
     """main.py and the shipped packages; never bytecode or editor droppings."""
     files = {"main.py": (inference_dir / "main.py").read_bytes()}
     for target, folder in SHIPPED.items():
-        names = ["__init__.py", "staging.py"] if target == "pipeline" else sorted(p.name for p in folder.glob("*.py"))
+        names = ONLY.get(target) or sorted(p.name for p in folder.glob("*.py"))
         for name in names:
             files[f"{target}/{name}"] = (folder / name).read_bytes()
     return files

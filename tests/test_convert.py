@@ -6,6 +6,7 @@ against an independent implementation of Qwen v1's forward pass (tests/qwen1.py)
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import subprocess
@@ -222,7 +223,13 @@ def test_every_zip_ships_the_converter_and_converts_at_build_time(tmp_path):
 
     built = build(REPO / "submissions" / "submission-2" / "spec.toml", tmp_path / "dist")
     shipped = {p.relative_to(built.context_dir).as_posix() for p in built.context_dir.rglob("*.py")}
-    assert {"pipeline/__init__.py", "pipeline/staging.py", "pipeline/convert/__main__.py", "pipeline/convert/tensors.py"} <= shipped
+    assert {"pipeline/__init__.py", "pipeline/convert/__main__.py", "pipeline/convert/tensors.py"} <= shipped
+    # every first-party module the shipped converter imports is shipped too
+    for path in sorted(built.context_dir.glob("pipeline/convert/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] in ("packager", "pipeline"):
+                assert node.module.replace(".", "/") + ".py" in shipped, (path.name, node.module)
     dockerfile = (built.context_dir / "Dockerfile").read_text()
     assert "python -m pipeline.convert --in-place /models/artifact" in dockerfile
     assert "python -m pipeline.convert --in-place --adapter /models/adapter" in dockerfile

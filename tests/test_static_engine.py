@@ -1,7 +1,7 @@
 """The static engine (static KV cache, CUDA-graph steps, prefix reuse) against the HF engine, on the CPU.
 
 The CPU runs the same padded shapes eagerly that CUDA replays as graphs, so every path but the
-capture is exercised here; the GPU side is `benchmarks/engine_check.py` (README, Measured).
+capture is exercised here; the GPU side is `benchmarks/engine_check.py` (docs/measurements.md).
 The server-level tests (HELM contract, fuzzing, soak, conformance) run against both engines
 through conftest's `ENGINES`.
 """

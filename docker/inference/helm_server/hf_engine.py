@@ -30,7 +30,7 @@ _SCORE_CHUNK = 512
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-# GPTQ kernels per device when the spec says "auto", tried in order (README, Measured: on an H100
+# GPTQ kernels per device when the spec says "auto", tried in order (docs/measurements.md: on an H100
 # Marlin reads 8-bit weights at 1353 GB/s at batch 1, GPTQModel's torch and Triton kernels at 250
 # and 285 against fp16's 2138). Marlin compiles on first use (nvcc, minutes); torch needs nothing.
 # CPU: the torch kernel dequantizes exactly.
