@@ -5,6 +5,7 @@ The three from the server-hardening issue, against the tiny stand-in on the CPU.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -49,6 +50,20 @@ def test_an_oversized_prompt_is_refused_naming_the_limit(base_url):
     response, seconds = _post(base_url, {"prompt": "x" * 100_001, "max_new_tokens": 1})
     assert response.status_code == 422 and "max_prompt_chars" in response.json()["detail"]
     assert seconds < 1
+
+
+def test_a_lone_surrogate_is_refused_naming_the_field_not_a_500(base_url):
+    bad = "\u0000\ud800 bad surrogate"  # valid JSON (an escaped UTF-16 half), not a Unicode character
+    for route, body, field in (("process", {"prompt": bad, "max_new_tokens": 1}, "prompt"),
+                               ("process", {"prompt": "hi", "max_new_tokens": 1, "stop_sequences": ["ok", bad]},
+                                "stop_sequences"),
+                               ("tokenize", {"text": bad}, "text")):
+        raw = json.dumps(body)  # keeps the escape: requests' own encoder would fail on it before sending
+        response = requests.post(f"{base_url}/{route}", data=raw, headers={"Content-Type": "application/json"},
+                                 timeout=30)
+        assert response.status_code == 422, (route, response.text)
+        assert response.json()["detail"].startswith(field) and "lone surrogate (U+D800" in response.json()["detail"]
+    assert _healthy(base_url)
 
 
 def test_a_full_queue_is_answered_503_at_once_and_health_stays_up(tiny_model_dir):

@@ -17,6 +17,16 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _unicode(value: str) -> str:
+    """JSON can escape a lone UTF-16 surrogate (`\\ud800`) that is no character: no tokenizer encodes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}), "
+                         f"which is not a Unicode character; send valid Unicode text") from None
+    return value
+
+
 class ProcessRequest(_Request):
     prompt: str
     temperature: float = Field(default=1.0, ge=0.0, description="HELM sends 1e-7 for temperature 0")
@@ -36,6 +46,11 @@ class ProcessRequest(_Request):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_unicode(cls, value: str) -> str:
+        return _unicode(value)
+
     @field_validator("echo_prompt", mode="before")
     @classmethod
     def _null_echo_is_false(cls, value: object) -> object:
@@ -48,7 +63,7 @@ class ProcessRequest(_Request):
             return []
         if any(s == "" for s in value):
             raise ValueError("an empty stop sequence would stop before the first token; remove it")
-        return value
+        return [_unicode(s) for s in value]
 
 
 class Token(BaseModel):
@@ -68,6 +83,11 @@ class TokenizeRequest(_Request):
     text: str
     truncation: bool = False
     max_length: int | None = Field(default=None, ge=1)
+
+    @field_validator("text")
+    @classmethod
+    def _text_is_unicode(cls, value: str) -> str:
+        return _unicode(value)
 
 
 class TokenizeResponse(BaseModel):
