@@ -251,3 +251,26 @@ def test_bad_switches_are_refused_before_anything(switch, message, tmp_path):
 def test_a_spec_that_does_not_exist_names_the_fix(tmp_path):
     done = day_py("plan", "nope", "--out", str(tmp_path))
     assert done.returncode == 2 and "nope" in done.stderr
+
+
+def test_the_stages_are_the_commands_a_person_would_type(tmp_path):
+    """The spec's stages in order; validate and eval as make targets with the day's artifact and adapter (dry run)."""
+    from packager.spec import load_spec, spec_path
+    from pipeline.day.layout import Layout
+    from pipeline.day.stages import Switches, child_env, plan_stages
+
+    spec, _ = load_spec(spec_path(REPO / "submissions", "submission-3"))
+    lay = Layout(spec.name, REPO / "submissions", out=tmp_path, data_dir=tmp_path / "hub")
+    stages = plan_stages(spec, lay, Switches(offline=True, run_eval=True))
+    assert [s.name for s in stages] == ["quantize", "humpback", "data", "train", "train-bundle", "zip", "validate", "eval"]
+    by = {s.name: s for s in stages}
+    assert by["train"].argv[by["train"].argv.index("--model") + 1] == str(tmp_path / "artifact")  # the day's artifact
+    assert by["data"].argv[by["data"].argv.index("--humpback") + 1] == str(tmp_path / "humpback" / "curated")
+    validate = by["validate"].argv
+    assert f"ADAPTER={tmp_path / 'train' / 'adapter'}" in validate and "OFFLINE=1" in validate
+    env = child_env(by["validate"])
+    assert "MAKEFLAGS" not in env and "MAKELEVEL" not in env  # the nested make sees only the day's own switches
+    dry = subprocess.run([validate[0], "-n", *validate[1:]], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0 and "packager.validate submission-3" in dry.stdout, dry.stderr
+    one = plan_stages(load_spec(spec_path(REPO / "submissions", "submission-1"))[0], lay, Switches(validate=False))
+    assert [s.name for s in one] == ["quantize", "zip"]
