@@ -1,17 +1,20 @@
-"""QLoRA steps of a recipe on an 8-bit GPTQ random-weight model of a real layer shape.
+"""QLoRA steps of a recipe on an 8-bit GPTQ random-weight model of a real layer shape, by training path.
 
 Builds a Qwen2 model with Qwen-14B's layer shape (`--layers` of its 40) and
 vocabulary, packs its random weights as 8-bit GPTQ (round to nearest: the
 kernel's work does not depend on how the codes were chosen), and trains it with
-the training stage's own functions (`pipeline.train.model`, `.loop`,
+the training stage's own functions (`pipeline.train.model`, `.loop`, `.fast`,
 `.checkpoint`, `.plan`) under a spec's recipe (submission-3: r=32, Lion,
 batch 1 x 32, 2048 tokens, gradient checkpointing), on random examples whose
-lengths are drawn uniformly in [--min-len, max_length]. Trains until
-`--minutes` are spent, then moves the figures to the whole model: per-token time
-from probes with 1 and all built layers (fixed part + per-layer part), peak
-memory plus the remaining layers' bytes, and projects onto one RTX 4090.
+lengths are drawn uniformly in [--min-len, max_length]. Each path of `--path`
+(reference, fast, fast@TOKENS) trains `--minutes` in turn in this one process,
+from the same adapter and data order: tokens/s, the share of the card's dense
+fp16 rate (6 x the linear parameters per token), peak memory and the projection
+onto one RTX 4090, side by side. With fewer layers than the shape's, per-token
+time is moved to the whole model from probes with 1 and all built layers.
 
-    python benchmarks/train_shape.py --vocab qwen.tiktoken --layers 4 --minutes 6 --work /tmp/t14 --emulate-4090
+    python benchmarks/train_shape.py --vocab qwen.tiktoken --layers 40 --minutes 1 --work /tmp/t40 --emulate-4090 \
+        --path reference,fast@6144,fast@8192 --profile /tmp/prof
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from decode_speed import SHAPES  # noqa: E402
 from packager.spec import load_spec  # noqa: E402
 from pipeline.convert.tokenizer import fast_tokenizer  # noqa: E402
 from pipeline.device import emulate_4090  # noqa: E402
-from pipeline.train import checkpoint, loop, plan  # noqa: E402
+from pipeline.train import checkpoint, fast, loop, plan  # noqa: E402
 from pipeline.train.model import add_lora, load_base, trainable_parameters  # noqa: E402
 from pipeline.train.schedule import optimizer_steps  # noqa: E402
 from qwen1 import gptq_quantize  # noqa: E402
@@ -87,15 +90,37 @@ def build_gptq(folder: Path, shape: dict, layers: int, vocab: Path, device: torc
     fast_tokenizer(vocab).save_pretrained(folder)
 
 
-def probe_layers(model, examples, schedule, pad_id, device, keep: int) -> plan.Probe:
-    """The probe with only the first `keep` decoder layers in the stack."""
+def probe_layers(model, run_probe, keep: int) -> plan.Probe:
+    """`run_probe()` with only the first `keep` decoder layers in the stack."""
     inner = model.base_model.model.model
     full = inner.layers
     inner.layers = full[:keep]
     try:
-        return loop.probe(model, examples, schedule, pad_id, device, timed=8)
+        return run_probe()
     finally:
         inner.layers = full
+
+
+def profile_step(model, step, optimizer, scheduler, group, max_grad_norm, out: Path | None) -> None:
+    """One optimizer step under torch.profiler: wall time against GPU kernel time, kernel launches, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(model, optimizer, scheduler, group)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels, not the ops above them
+    gpu = sum(e.self_device_time_total for e in on_gpu) / 1e6
+    kernels = sum(e.count for e in on_gpu)
+    print(f"profile: one optimizer step {wall:.2f} s wall (profiled), GPU kernels {gpu:.2f} s, {kernels} kernel launches",
+          flush=True)
+    table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+    print(table, flush=True)
+    if out is not None:
+        out.write_text(table)
 
 
 def main() -> int:
@@ -104,10 +129,15 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--minutes", type=float, default=5.0, help="training time of each path")
+    p.add_argument("--path", default="reference,fast",
+                   help="paths measured one after the other in this process, from the same adapter and data order: "
+                        "reference, fast, or fast@TOKENS (padded tokens per micro-batch); fast_torch_dequant: "
+                        "the fast path with GPTQModel's training-mode dequantization")
     p.add_argument("--min-len", type=int, default=128)
     p.add_argument("--examples", type=int, default=20000)
     p.add_argument("--emulate-4090", action="store_true")
+    p.add_argument("--profile", type=Path, help="profile one optimizer step of each fast path; tables written there")
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen-14b", help="tiny: smoke-test this script on a CPU")
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="64-token examples, accumulation 2: check this script quickly")
@@ -138,76 +168,131 @@ def main() -> int:
 
     torch.manual_seed(s.seed)
     model = add_lora(load_base(base, device, torch.float16), training.lora, s.gradient_checkpointing, "bench")
-    params = [q for _, q in trainable_parameters(model)]
+    named = trainable_parameters(model)
+    params = [q for _, q in named]
+    initial = {n: q.detach().cpu().clone() for n, q in named}  # every path starts from the same adapter
     trainable = sum(q.numel() for q in params)
     total = optimizer_steps(len(examples), s.epochs, s.batch_size, s.gradient_accumulation)
-    optimizer = loop.make_optimizer(params, training.optimizer, device)
-    scheduler = loop.make_scheduler(optimizer, total, s)
-
-    loop.probe(model, examples, s, pad_id, device)  # warm-up: first CUDA calls, allocator
-    one = probe_layers(model, examples, s, pad_id, device, 1)
-    built = probe_layers(model, examples, s, pad_id, device, args.layers)
-    per_token = {k: pr.seconds / pr.tokens for k, pr in ((1, one), (args.layers, built))}
-    layer_s = (per_token[args.layers] - per_token[1]) / max(1, args.layers - 1)
-    fixed_s = per_token[1] - layer_s
-    full_s = fixed_s + full_layers * layer_s
-    per_layer_bytes = (sum(t.numel() * t.element_size() for n, t in model.named_buffers() if ".layers.0." in n)
-                       + sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers.0." in n and not t.requires_grad)
-                       + sum(q.numel() for n, q in model.named_parameters() if ".layers.0." in n and q.requires_grad) * (4 + 4 + plan.STATE_BYTES[training.optimizer.name])
-                       + s.max_length * shape["hidden_size"] * 2)
-    print(f"probe: 1 layer {1 / per_token[1]:,.0f} tok/s, {args.layers} layers {1 / per_token[args.layers]:,.0f} tok/s; "
-          f"per layer {layer_s * 1e6:.1f} us/token, fixed {fixed_s * 1e6:.1f} us/token", flush=True)
-
-    rows = []
-
-    def peak_gib() -> float:
-        return torch.cuda.max_memory_allocated(device) / (1 << 30) if device.type == "cuda" else 0.0
-
-    def on_step(position, result):
-        rows.append({"step": position.step, "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
-                     "seconds": result.seconds, "peak_gib": peak_gib()})
-        if position.step % 10 == 0:
-            r = rows[-1]
-            print(f"step {r['step']:4d} loss {r['loss']:.4f} lr {r['lr']:.2e} {r['tokens'] / r['seconds']:,.0f} tok/s "
-                  f"peak {r['peak_gib']:.2f} GiB", flush=True)
-        if time.perf_counter() - train_start > args.minutes * 60:
-            raise TimeoutError
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_start = time.perf_counter()
-    position = checkpoint.Position()
-    try:
-        position = loop.train(model, optimizer, scheduler, examples, s, position, pad_id, device, on_step)
-    except TimeoutError:
-        pass
-    elapsed = time.perf_counter() - train_start
-    ck = time.perf_counter()
-    saved = checkpoint.save(args.work / "checkpoints", model, optimizer, scheduler,
-                            checkpoint.Position(0, len(rows) * s.gradient_accumulation, len(rows)), "bench", 1)
-    ck = time.perf_counter() - ck
-    tokens = sum(r["tokens"] for r in rows)
-    peak = peak_gib() * (1 << 30)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     card = plan.known_card(name) if device.type == "cuda" else None
     target = plan.cards()["target"]
     ratio = max(card["bandwidth_gbs"] / target["bandwidth_gbs"], card["fp16_tflops"] / target["fp16_tflops"]) if card else None
-    measured_per_token = elapsed / tokens
-    full_per_token = measured_per_token * full_s / per_token[args.layers]
-    peak_full = peak + (full_layers - args.layers) * per_layer_bytes
-    params_full = 14_167_290_880
-    flops_rate = 6 * params_full / full_per_token / 1e12
+    dense_tflops = card["fp16_tflops"] if card else None
+    linear_params = full_layers * (4 * shape["hidden_size"] ** 2 + 3 * shape["hidden_size"] * shape["intermediate_size"]) \
+        + 152064 * shape["hidden_size"]  # the decoder's linears and the output layer: 13.39 G at Qwen-14B's shape
+
+    def peak_gib() -> float:
+        return torch.cuda.max_memory_allocated(device) / (1 << 30) if device.type == "cuda" else 0.0
+
+    results = []
+    for path in args.path.split(","):
+        kind, _, tokens_arg = path.partition("@")
+        micro_tokens = int(tokens_arg) if tokens_arg else fast.MICRO_TOKENS
+        with torch.no_grad():
+            for n, q in named:
+                q.copy_(initial[n])
+        torch.manual_seed(s.seed)
+        optimizer = loop.make_optimizer(params, training.optimizer, device)
+        scheduler = loop.make_scheduler(optimizer, total, s)
+        if kind in ("fast", "fast_torch_dequant"):
+            eval_dequant = kind == "fast"
+            step = fast.Step(pad_id, device, micro_tokens, eval_dequant)
+            run_probe = lambda: fast.probe(model, examples, s, pad_id, device, micro_tokens, eval_dequant=eval_dequant)  # noqa: E731
+        else:
+            step = None
+            run_probe = lambda: loop.probe(model, examples, s, pad_id, device, timed=8)  # noqa: E731
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            measured = run_probe()  # warm-up, and the stage's own plan figure for this path
+            if args.layers < full_layers:
+                one, built = probe_layers(model, run_probe, 1), probe_layers(model, run_probe, args.layers)
+                per_token = {k: pr.seconds / pr.tokens for k, pr in ((1, one), (args.layers, built))}
+                layer_s = (per_token[args.layers] - per_token[1]) / max(1, args.layers - 1)
+                scale = (per_token[1] - layer_s + full_layers * layer_s) / per_token[args.layers]
+            else:
+                scale = 1.0
+            if args.profile is not None and device.type == "cuda" and kind.startswith("fast"):
+                acc = s.gradient_accumulation
+                order = loop.micro_batches(loop.epoch_order(len(examples), 0, s.seed), s.batch_size)[:acc]
+                group = [[examples[i] for i in ids] for ids in order]
+
+                def one_step(m, o, sc, g):
+                    if step is not None:
+                        return step(m, o, sc, g, s.max_grad_norm)
+                    return loop.optimizer_step(m, o, sc, [loop.collate(r, pad_id, device) for r in g], s.max_grad_norm)
+
+                args.profile.mkdir(parents=True, exist_ok=True)
+                profile_step(model, one_step, optimizer, scheduler, group, s.max_grad_norm,
+                             args.profile / f"profile-{kind}{tokens_arg}.txt")
+                with torch.no_grad():  # the profiled step is not part of the measured run
+                    for n, q in named:
+                        q.copy_(initial[n])
+                optimizer = loop.make_optimizer(params, training.optimizer, device)
+                scheduler = loop.make_scheduler(optimizer, total, s)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            rows = []
+
+            def on_step(position, result):
+                rows.append({"step": position.step, "loss": result.loss, "tokens": result.tokens,
+                             "seconds": result.seconds, "peak_gib": peak_gib()})
+                r = rows[-1]
+                print(f"{path} step {r['step']:4d} loss {r['loss']:.4f} {r['tokens'] / r['seconds']:,.0f} tok/s "
+                      f"peak {r['peak_gib']:.2f} GiB", flush=True)
+                if time.perf_counter() - train_start > args.minutes * 60:
+                    raise TimeoutError
+
+            train_start = time.perf_counter()
+            try:
+                loop.train(model, optimizer, scheduler, examples, s, checkpoint.Position(), pad_id, device, on_step,
+                           step=step)
+            except TimeoutError:
+                pass
+        except torch.OutOfMemoryError as e:
+            print(f"{path}: out of memory ({str(e).splitlines()[0]})", flush=True)
+            results.append({"path": path, "error": "out of memory"})
+            model.zero_grad(set_to_none=True)
+            continue
+        tokens = sum(r["tokens"] for r in rows)
+        seconds = sum(r["seconds"] for r in rows)
+        full_per_token = seconds / tokens * scale
+        results.append({
+            "path": path, "optimizer_steps": len(rows), "tokens": tokens, "seconds": round(seconds, 1),
+            "tokens_per_s": round(tokens / seconds), "peak_gib": round(peak_gib(), 2),
+            "probe_tokens_per_s": round(measured.tokens / measured.seconds),
+            "probe_peak_gib": round(measured.peak_bytes / (1 << 30), 2) if measured.peak_bytes else None,
+            "losses": [round(r["loss"], 4) for r in rows],
+            "full_model_tokens_per_s_here": round(1 / full_per_token),
+            "share_of_dense_fp16": round(6 * linear_params / full_per_token / (dense_tflops * 1e12), 3) if dense_tflops else None,
+            "full_model_tokens_per_s_4090": round(1 / (full_per_token * ratio)) if ratio else None,
+            "hours_4090_per_million_tokens": round(full_per_token * ratio * 1e6 / 3600, 3) if ratio else None,
+        })
+        del optimizer, scheduler
+        model.zero_grad(set_to_none=True)
+
+    ck = time.perf_counter()
+    optimizer = loop.make_optimizer(params, training.optimizer, device)
+    scheduler = loop.make_scheduler(optimizer, total, s)
+    saved = checkpoint.save(args.work / "checkpoints", model, optimizer, scheduler, checkpoint.Position(), "bench", 1)
+    reference = next((r for r in results if r["path"] == "reference" and "error" not in r), None)
+    for r in results:
+        if reference is not None and "error" not in r:
+            r["speed_vs_reference"] = round(r["tokens_per_s"] / reference["tokens_per_s"], 2)
     print(json.dumps({
-        "device": name, "layers_built": args.layers, "trainable_params": trainable,
-        "optimizer_steps": len(rows), "micro_batches": len(rows) * s.gradient_accumulation, "tokens": tokens,
-        "seconds": round(elapsed, 1), "tokens_per_s": round(tokens / elapsed), "peak_gib": round(peak / (1 << 30), 2),
-        "checkpoint_s": round(ck, 1), "checkpoint": str(saved),
-        "first_losses": [round(r["loss"], 4) for r in rows[:3]], "last_losses": [round(r["loss"], 4) for r in rows[-3:]],
-        "full_model_tokens_per_s_here": round(1 / full_per_token), "full_model_peak_gib": round(peak_full / (1 << 30), 2),
-        "ratio_to_4090": ratio, "full_model_tokens_per_s_4090": round(1 / (full_per_token * ratio)) if ratio else None,
-        "hours_4090_per_million_tokens": round(full_per_token * ratio * 1e6 / 3600, 3) if ratio else None,
-        "effective_tflops_here_6N": round(flops_rate, 1),
+        "device": name, "layers_built": args.layers, "trainable_params": trainable, "ratio_to_4090": ratio,
+        "checkpoint_s": round(time.perf_counter() - ck, 1), "checkpoint": str(saved), "paths": results,
     }, indent=2))
+    print("| path | optimizer steps | tokens | tokens/s | vs reference | share of dense fp16 | peak GiB | 4090 tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['path']} | {r['error']} | | | | | | |")
+            continue
+        print(f"| {r['path']} | {r['optimizer_steps']} | {r['tokens']:,} | {r['full_model_tokens_per_s_here']:,} | "
+              f"{r.get('speed_vs_reference', '')} | {r['share_of_dense_fp16']} | {r['peak_gib']} | "
+              f"{r['full_model_tokens_per_s_4090']} |")
     return 0
 
 

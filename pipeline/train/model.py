@@ -4,7 +4,8 @@ A GPTQ base loads with GPTQModel's torch kernel, on CUDA as on a CPU: it is
 the kernel with a backward pass for every bit width (Marlin has none), and it
 dequantizes exactly. LoRA weights are fp32 (peft upcasts them), the frozen
 base computes in the artifact's dtype, with no autocast: as the reference ran
-(HF Trainer without `fp16=True`).
+(HF Trainer without `fp16=True`). The fast path (`fast.py`) keeps these fp32
+weights as master copies and computes the adapter's products in the base's dtype.
 """
 
 from __future__ import annotations

@@ -1,0 +1,301 @@
+"""The fast training path: the same optimizer steps as the reference path, computed in fewer, larger launches.
+
+The reference path (`loop.optimizer_step`) runs each accumulation group as
+`gradient_accumulation` micro-batches of `batch_size` sequences: on the 14B
+shape that is 32 forward + backward passes of one sequence each, half of the
+wall time launch overhead, and peft's LoRA products as fp32 GEMMs. This path
+keeps the recipe (the same sequences per optimizer step, the same schedule,
+the same max_length, the same loss and gradient up to rounding) and changes
+how a step is computed:
+
+1. Micro-batches by length: a group's sequences, longest first, are cut into
+   micro-batches of at most `micro_tokens` padded tokens (each padded to its
+   longest row), so a step is a few large passes instead of 32 small ones.
+2. The loss is normalised as the reference normalised it: each token's
+   cross-entropy is weighted by 1 / (micro-batches of the reference group x
+   answer tokens of the reference micro-batch that held it). The step's loss is
+   then exactly the mean of the reference micro-batches' means (with batch 1 x
+   32: the mean of per-sequence means), whatever the new grouping.
+3. LoRA in the base's half precision: the step runs under autocast (fp16 for
+   an fp16 base), so the adapter products are tensor-core GEMMs on fp16 copies
+   of the fp32 master weights; gradients and optimizer state stay fp32. peft's
+   cast of every input to fp32 is switched off for the step. The frozen base
+   computes exactly as before (its matmuls were already fp16).
+4. Linear + cross-entropy in chunks, over answer tokens only: the logits of
+   152,064 words are never held for a whole micro-batch, and prompt tokens,
+   whose labels are ignored, never reach the output layer. The gradient of the
+   hidden states is computed chunk by chunk in the forward (the output layer
+   is frozen), with the reference's numerics: fp16 logits, fp32 softmax, the
+   fp32 gradient cast to fp16 before the product with the weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+
+from .checkpoint import rng_state, set_rng_state
+from .plan import Probe
+
+IGNORE = -100
+PATHS = ("fast", "reference")
+MICRO_TOKENS = 6144   # padded tokens per micro-batch: 21.1 GiB peak at Qwen-14B's 8-bit shape, r=32 (8192: 22.6 GiB,
+                      # 1.27x faster; measured by benchmarks/train_shape.py --path fast@6144,fast@8192)
+CE_ROWS = 512         # answer tokens per chunk of the output layer (512 x 152,064 fp32 logits: 0.3 GiB)
+
+
+def resolve_path(path: str, device: torch.device) -> str:
+    """`auto` is the fast path on CUDA and the reference path elsewhere."""
+    if path == "auto":
+        return "fast" if device.type == "cuda" else "reference"
+    if path not in PATHS:
+        raise ValueError(f"training path {path!r}: one of auto, fast, reference")
+    return path
+
+
+# --- 1. which sequences go together ---------------------------------------------------
+
+
+def answer_tokens(row: dict) -> int:
+    """Tokens whose next-token loss counts (labels shifted by one, as the causal-LM loss reads them)."""
+    return sum(1 for t in row["labels"][1:] if t != IGNORE)
+
+
+def pack(lengths: list[int], micro_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, longest first, cut into micro-batches of at most `micro_tokens` padded tokens
+    (rows x the first, longest row); a row longer than the budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= micro_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def token_weights(group: list[list[dict]]) -> list[float]:
+    """Per row of the flattened group: the weight of each of its answer tokens' losses, so that the weighted
+    sum is the mean over the group's micro-batches of each micro-batch's mean over its answer tokens."""
+    weights = []
+    for micro in group:
+        n = sum(answer_tokens(r) for r in micro)
+        weights += [1.0 / (len(group) * n) if n else 0.0] * len(micro)
+    return weights
+
+
+def collate(rows: list[dict], weights: list[float], pad_id: int, device: torch.device) -> dict:
+    """Right-padded ids (mask only where rows differ in length), and the answer positions: the flat index of
+    each position whose next token has a label, its target and its weight."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    where, targets, w = [], [], []
+    for b, (r, weight) in enumerate(zip(rows, weights)):
+        n = len(r["input_ids"])
+        ids[b, :n] = torch.tensor(r["input_ids"])
+        mask[b, :n] = 1
+        labels = torch.tensor(r["labels"][1:], dtype=torch.long)
+        keep = (labels != IGNORE).nonzero().squeeze(1)
+        where.append(keep + b * width)
+        targets.append(labels[keep])
+        w.append(torch.full((len(keep),), weight, dtype=torch.float32))
+    uneven = any(len(r["input_ids"]) != width for r in rows)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device) if uneven else None,
+            "where": torch.cat(where).to(device), "targets": torch.cat(targets).to(device),
+            "weights": torch.cat(w).to(device), "tokens": int(mask.sum())}
+
+
+# --- 2. the output layer and the loss, in chunks ----------------------------------------
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ W^T, t_i) for a frozen W; the gradient of h is computed in the forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, rows: int):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], rows):
+            h, t, w = hidden[s : s + rows], targets[s : s + rows], weights[s : s + rows]
+            logits = (h @ weight.t()).float()                 # fp16 product, fp32 loss: as HF's causal-LM loss
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * w).sum()
+            logits.sub_(lse[:, None]).exp_().mul_(w[:, None])  # d loss / d logits = w * (softmax - onehot)
+            logits[torch.arange(len(t), device=t.device), t] -= w
+            grad[s : s + rows] = logits.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, weights, rows: int = CE_ROWS):
+    if weight.requires_grad:
+        raise ValueError("the fast path's output layer is frozen (LoRA on lm_head is not supported there)")
+    return LinearCrossEntropy.apply(hidden, weight, targets, weights, rows)
+
+
+# --- 3. a step ----------------------------------------------------------------------
+
+
+def _lora_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _quantized_linears(model):
+    """The frozen GPTQ linears (GPTQModel's torch kernel): they hold packed weights and dequantize them per call."""
+    return [m for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "dequantize_weight")]
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """x @ dequantize(W) for a frozen packed W, dequantized again in backward instead of kept: the layer being
+    recomputed under gradient checkpointing holds no fp16 copy of its seven weights (0.6 GiB at 14B)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return x @ module.dequantize_weight().to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.module.dequantize_weight().to(grad.dtype).t(), None
+
+
+def _frozen_forward(module):
+    """GPTQModel's TorchLinear forward, for the plain case (one g_idx pass, no rotation, no adapter), via _DequantMatmul."""
+    def forward(x):
+        out = _DequantMatmul.apply(x.reshape(-1, x.shape[-1]), module).reshape(*x.shape[:-1], module.out_features)
+        return out + module.bias.to(out.dtype) if module.bias is not None else out
+
+    return forward
+
+
+def _plain(module) -> bool:
+    return (module.g_idx is not None and module.g_idx.shape[0] == module.in_features
+            and getattr(module, "adapter", None) is None and not getattr(module, "online_full_had", False)
+            and not getattr(module, "online_partial_had", False))
+
+
+@contextlib.contextmanager
+def half_precision_lora(model, eval_dequant: bool = True):
+    """Autocast to the base's dtype (LoRA's fp32 master weights used as fp16 copies), peft's fp32 input cast off:
+    for forward and backward both (gradient checkpointing recomputes inside backward).
+
+    `eval_dequant`: the frozen GPTQ linears dequantize as in eval mode, where GPTQModel's torch kernel uses its
+    one-pass Triton dequantization on CUDA (in training mode it runs a chain of torch elementwise ops). The
+    packed weights are buffers, never trained; the product with the input still has its backward."""
+    base = model.get_base_model()
+    dtype = next((p.dtype for p in base.parameters() if not p.requires_grad and p.is_floating_point()), torch.float32)
+    device = next(base.parameters()).device
+    layers = _lora_layers(model)
+    quantized = _quantized_linears(model) if eval_dequant else []
+    saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    modes = [m.training for m in quantized]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    for m in quantized:
+        m.training = False  # the attribute only: no module holds dropout, and train() would convert formats
+        if _plain(m):
+            m.forward = _frozen_forward(m)
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16)):
+            yield
+    finally:
+        for m, s in zip(layers, saved):
+            m.cast_input_dtype_enabled = s
+        for m, mode in zip(quantized, modes):
+            m.training = mode
+            m.__dict__.pop("forward", None)
+
+
+def forward_backward(model, batch: dict) -> torch.Tensor:
+    """One packed micro-batch: hidden states, the chunked loss over its answer tokens, backward; the weighted loss."""
+    causal = model.get_base_model()
+    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["where"]]
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss = linear_cross_entropy(hidden, causal.get_output_embeddings().weight, batch["targets"], batch["weights"])
+    loss.backward()
+    return loss.detach()
+
+
+def micro_batches(group: list[list[dict]], pad_id: int, device: torch.device, micro_tokens: int):
+    """The group's rows, with their token weights, regrouped by length; collated one at a time."""
+    rows = [r for micro in group for r in micro]
+    weights = token_weights(group)
+    for ids in pack([len(r["input_ids"]) for r in rows], micro_tokens):
+        yield collate([rows[i] for i in ids], [weights[i] for i in ids], pad_id, device)
+
+
+class Step:
+    """The fast path's optimizer step, called by `loop.train` with a group of reference micro-batches (rows)."""
+
+    def __init__(self, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS, eval_dequant: bool = True):
+        self.pad_id, self.device, self.micro_tokens, self.eval_dequant = pad_id, device, micro_tokens, eval_dequant
+
+    def __call__(self, model, optimizer, scheduler, group: list[list[dict]], max_grad_norm: float | None,
+                 dropped: Callable[[], bool] = lambda: False) -> tuple[float, float] | None:
+        """Accumulate the group, clip, step; return (loss as the reference computed it, learning rate used).
+        `dropped` as in `loop.optimizer_step`: asked between micro-batches; when it says so, nothing is updated (None)."""
+        lr = scheduler.get_last_lr()[0]
+        batches = list(micro_batches(group, self.pad_id, self.device, self.micro_tokens))
+        total = None
+        with half_precision_lora(model, self.eval_dequant):
+            for n, batch in enumerate(batches, 1):
+                loss = forward_backward(model, batch)
+                total = loss if total is None else total + loss
+                if n < len(batches) and dropped():
+                    optimizer.zero_grad(set_to_none=True)
+                    return None
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(total), lr
+
+
+def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS,
+          groups: int = 1, eval_dequant: bool = True) -> Probe:
+    """As `loop.probe` for this path: forward + backward on the fullest micro-batch of the longest examples (the
+    memory peak), then `groups` accumulation groups of epoch 0's order (the rate); gradients discarded, RNG put back."""
+    from .loop import epoch_order
+    from .loop import micro_batches as reference_micros
+
+    saved = rng_state()
+    model.train()
+    longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    width = len(examples[longest[0]]["input_ids"])
+    fullest = [[examples[i]] for i in longest[: max(1, micro_tokens // width)]]
+    micros = reference_micros(epoch_order(len(examples), 0, schedule.seed), schedule.batch_size)
+    acc = schedule.gradient_accumulation
+    timed = [[[examples[i] for i in ids] for ids in micros[g * acc : (g + 1) * acc]] for g in range(groups)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with half_precision_lora(model, eval_dequant):
+        for batch in micro_batches(fullest, pad_id, device, micro_tokens):
+            forward_backward(model, batch)
+        tokens, started = 0, time.perf_counter()
+        for group in timed:
+            for batch in micro_batches(group, pad_id, device, micro_tokens):
+                forward_backward(model, batch)
+                tokens += batch["tokens"]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    model.zero_grad(set_to_none=True)
+    set_rng_state(saved)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Probe(name, tokens, seconds, peak, width)

@@ -1,0 +1,186 @@
+"""The fast training path (pipeline/train/fast.py) against the reference path, on a CPU.
+
+Its parts against the plain computation (packing, the loss weights, the chunked
+linear + cross-entropy), then `make train-N`'s own runs on the tiny world with
+`[training] path = "fast"` or `"reference"`: the first 20 optimizer steps' losses
+agree, a stopped and resumed fast run equals a straight one, and the fast path's
+adapter loads in the server and changes its logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import __main__ as data
+from pipeline.quantize.tiny import save_tiny_gptq
+from pipeline.train import __main__ as train
+from pipeline.train import fast
+from tiny_world import write_world
+
+STEPS = 20    # optimizer steps compared between the paths
+RESUMED = 6   # steps of the stopped-and-resumed fast run (with dropout: its RNG must resume too)
+
+
+# --- the parts ----------------------------------------------------------------------
+
+
+def _rows(n: int, seed: int = 0, longest: int = 40) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randint(3, longest)
+        ids = [rng.randrange(5, 50) for _ in range(k)]
+        cut = rng.randint(1, k - 2)
+        rows.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return rows
+
+
+def test_packing_keeps_every_row_once_under_the_budget():
+    lengths = [len(r["input_ids"]) for r in _rows(50)]
+    for budget in (1, 40, 100, 10_000):
+        micros = fast.pack(lengths, budget)
+        assert sorted(i for m in micros for i in m) == list(range(50))
+        for m in micros:
+            widths = [lengths[i] for i in m]
+            assert widths == sorted(widths, reverse=True)  # longest first: its row sets the padded width
+            assert len(m) == 1 or len(m) * widths[0] <= budget
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_token_weights_give_the_mean_of_the_reference_micro_batches_means(batch_size):
+    rows = _rows(12, seed=batch_size)
+    group = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    per_token = [torch.rand(fast.answer_tokens(r), dtype=torch.float64) for r in rows]  # any per-token losses
+    # the reference: each micro-batch's mean over its answer tokens, then the mean over micro-batches
+    want, k = 0.0, 0
+    for micro in group:
+        losses = torch.cat(per_token[k : k + len(micro)])
+        want += float(losses.mean()) / len(group)
+        k += len(micro)
+    got = sum(float(w * t.sum()) for w, t in zip(fast.token_weights(group), per_token))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_collate_marks_exactly_the_reference_loss_positions():
+    rows = _rows(5)
+    batch = fast.collate(rows, [1.0] * 5, pad_id=0, device=torch.device("cpu"))
+    width = batch["input_ids"].shape[1]
+    want = []
+    for b, r in enumerate(rows):
+        want += [(b * width + t, r["labels"][t + 1]) for t in range(len(r["labels"]) - 1) if r["labels"][t + 1] != -100]
+    assert list(zip(batch["where"].tolist(), batch["targets"].tolist())) == want
+    assert batch["tokens"] == sum(len(r["input_ids"]) for r in rows)
+    same = fast.collate([rows[0], rows[0]], [1.0, 1.0], pad_id=0, device=torch.device("cpu"))
+    assert same["attention_mask"] is None  # no padding: no mask, the causal kernels' fast case
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-4, 1e-5), (torch.float16, 2e-2, 1e-3)])
+def test_chunked_linear_cross_entropy_equals_the_plain_computation(dtype, rtol, atol):
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 37, 16, 101
+    hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=g).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    weights = torch.rand(n, generator=g)
+    loss = fast.linear_cross_entropy(hidden, weight, targets, weights, rows=8)
+    (loss * 3).backward()
+    plain_h = hidden.detach().clone().requires_grad_()
+    logits = (plain_h @ weight.t()).float()  # as HF's causal-LM loss: the product in the model's dtype, fp32 loss
+    plain = (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights).sum()
+    (plain * 3).backward()
+    assert float(loss) == pytest.approx(float(plain), rel=1e-5)
+    torch.testing.assert_close(hidden.grad.float(), plain_h.grad.float(), rtol=rtol, atol=atol)
+    with pytest.raises(ValueError, match="frozen"):
+        fast.linear_cross_entropy(hidden, weight.clone().requires_grad_(), targets, weights)
+
+
+def test_auto_is_fast_on_cuda_and_the_reference_elsewhere():
+    assert fast.resolve_path("auto", torch.device("cuda")) == "fast"
+    assert fast.resolve_path("auto", torch.device("cpu")) == "reference"
+    assert fast.resolve_path("fast", torch.device("cpu")) == "fast"
+    with pytest.raises(ValueError):
+        fast.resolve_path("quick", torch.device("cpu"))
+
+
+# --- make train-N, both paths --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny world's submission 2 with 4 sequences per optimizer step (so the fast path packs several) and
+    10 epochs (20 steps over its few examples), each training path as its own spec."""
+    root = write_world(tmp_path_factory.mktemp("train-fast"))
+    save_tiny_gptq(root / "artifact")
+    spec = root / "submissions" / "submission-2" / "spec.toml"
+    text, n = re.subn(r"(?m)^gradient_accumulation = \d+", "gradient_accumulation = 4", spec.read_text())
+    text, m = re.subn(r"(?m)^epochs = \d+", "epochs = 10", text)
+    assert n == m == 1
+    spec.write_text(text)
+    assert data.main(["submission-2", "--submissions", str(root / "submissions"), "--model", str(root / "artifact"),
+                      "--data-dir", str(root / "hub"), "--out", str(root / "data-2")]) == 0
+    for name, extra in (("fast", 'path = "fast"'), ("fast-nodrop", 'path = "fast"'),
+                        ("reference-nodrop", 'path = "reference"')):
+        folder = root / name / "submission-2"
+        folder.mkdir(parents=True)
+        body, n = re.subn(r"(?m)^(\[training\][^\n]*\n)", lambda m: f"{m.group(1)}{extra}\n", text)
+        assert n == 1
+        if name.endswith("nodrop"):
+            body = body.replace("dropout = 0.05", "dropout = 0.0")
+            assert "dropout = 0.0" in body
+        folder.joinpath("spec.toml").write_text(body)
+    return root
+
+
+def _train(world: Path, specs: str, out: Path, *extra: str) -> list[dict]:
+    assert train.main(["submission-2", "--submissions", str(world / specs), "--model", str(world / "artifact"),
+                       "--data", str(world / "data-2"), "--out", str(out), "--device", "cpu", *extra]) == 0
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    """20 steps of each path without dropout (their equivalence), 6 of the fast path with the spec's dropout."""
+    return {name: _train(world, name, world / f"run-{name}", "--steps", str(steps))
+            for name, steps in (("fast-nodrop", STEPS), ("reference-nodrop", STEPS), ("fast", RESUMED))}
+
+
+def test_the_fast_path_takes_the_reference_paths_steps(runs):
+    got, want = runs["fast-nodrop"], runs["reference-nodrop"]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]  # the same sequences in each step
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    # no dropout: only rounding differs (LoRA products in the base's fp16, another summation order)
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-3)  # seen: 1.3e-4
+    # the spec's dropout draws other masks (other shapes), but LoRA B starts at zero: the first step is the base's
+    assert runs["fast"][0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-4)
+    assert [r["tokens"] for r in runs["fast"]] == [r["tokens"] for r in want[:RESUMED]]
+
+
+def test_a_stopped_fast_run_resumes_to_the_straight_runs_losses(world, runs):
+    out = world / "run-fast-resumed"
+    _train(world, "fast", out, "--steps", "2")
+    got = _train(world, "fast", out, "--steps", str(RESUMED))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in runs["fast"]], rel=1e-5)
+
+
+def test_the_fast_paths_adapter_loads_in_the_server_and_changes_its_logprobs(world, runs):
+    from conftest import make_config
+    from helm_server.hf_engine import load_model
+    from helm_server.settings import apply_environment
+
+    adapter = world / "run-fast" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["base_model_name_or_path"] == "ycchen/yc-test1"
+    ids = torch.tensor([[151643, 40, 41, 42, 43, 44]])
+    served = make_config(world / "artifact")
+    bare = load_model(served, torch.device("cpu"))
+    with_adapter = load_model(apply_environment(served, {"ADAPTER_PATH": str(adapter)}), torch.device("cpu"))
+    with torch.no_grad():
+        a, b = bare(ids).logits.float(), with_adapter(ids).logits.float()
+    assert (a - b).abs().max() > 1e-3
