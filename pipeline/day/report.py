@@ -170,11 +170,11 @@ def data_section(lay: Layout) -> Section:
 def quantization_section(lay: Layout, spec: Spec) -> Section:
     if spec.quantization is None:
         return Section("quantization", [("p", "The spec declares no [quantization].")])
-    if lay.model is not None:
-        return Section("quantization", [("p", f"Not run by this day: MODEL={lay.model} is the quantized artifact.")])
-    report = _json(lay.artifact / "report.json")
+    artifact = lay.model if lay.model is not None else lay.artifact
+    report = _json(artifact / "report.json")  # make quantize-N's, also when MODEL is an artifact it made
     if not report:
-        return Section("quantization", [("p", f"Not run: no {lay.artifact / 'report.json'}.")])
+        why = f"MODEL={lay.model} is the quantized artifact, and" if lay.model is not None else "not run:"
+        return Section("quantization", [("p", f"Not quantized by this day: {why} no {artifact / 'report.json'}.")])
     ppl = report.get("perplexity") or {}
     rows = [["fp16 base", _fmt(ppl.get("base"))], ["quantized", _fmt(ppl.get("quantized"))]]
     if ppl.get("base") and ppl.get("quantized"):
@@ -249,8 +249,28 @@ def helm_section(lay: Layout, plan: DayPlan, state: dict) -> Section:
     log = lay.day / "logs" / "eval.log"
     text = log.read_text(errors="replace") if log.is_file() else ""
     blocks.append(("p", f"make eval-N: {entry['status']} (exit {entry['attempts'][-1]['rc']})."))
-    blocks.append(("pre", text[-4000:].strip()))
+    suites = sorted(lay.eval.glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    report = _json(suites[-1]) if suites else None
+    if report and report.get("runs"):
+        blocks.append(("p", f"Suite {report.get('suite')} ({suites[-1].parent}), per scenario:"))
+        blocks.append(("table", _helm_table(report["runs"])))
+    projected = text[text.rfind("projected challenge sample"):] if "projected challenge sample" in text else text[-3000:]
+    blocks.append(("pre", projected.strip()))
     return Section("helm", blocks)
+
+
+def _helm_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """make eval-N's report.json runs, per scenario: the instance-weighted metric, requests, time per request."""
+    rows = []
+    for scenario in dict.fromkeys(r["scenario"] for r in runs):
+        mine = [r for r in runs if r["scenario"] == scenario]
+        scored = [r for r in mine if r.get("value") is not None]
+        weight = sum(r["instances"] for r in scored)
+        value = sum(r["value"] * r["instances"] for r in scored) / weight if weight else None
+        requests, seconds = sum(r["requests"] for r in mine), sum(r["seconds"] for r in mine)
+        rows.append([scenario, mine[0]["metric"], _fmt(value), _fmt(sum(r["instances"] for r in mine)), _fmt(requests),
+                     _fmt(sum(r["failed_requests"] for r in mine)), _fmt(seconds / requests if requests else None)])
+    return ["scenario", "metric", "value", "instances", "requests", "failed", "s/request"], rows
 
 
 def spec_section(spec: Spec, submissions: Path, lay: Layout) -> Section:
