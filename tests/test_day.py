@@ -253,7 +253,7 @@ def test_a_spec_that_does_not_exist_names_the_fix(tmp_path):
     assert done.returncode == 2 and "nope" in done.stderr
 
 
-def test_the_stages_are_the_commands_a_person_would_type(tmp_path):
+def test_the_stages_are_the_commands_a_person_would_type(tmp_path, monkeypatch):
     """The spec's stages in order; validate and eval as make targets with the day's artifact and adapter (dry run)."""
     from packager.spec import load_spec, spec_path
     from pipeline.day.layout import Layout
@@ -268,8 +268,10 @@ def test_the_stages_are_the_commands_a_person_would_type(tmp_path):
     assert by["data"].argv[by["data"].argv.index("--humpback") + 1] == str(tmp_path / "humpback" / "curated")
     validate = by["validate"].argv
     assert f"ADAPTER={tmp_path / 'train' / 'adapter'}" in validate and "OFFLINE=1" in validate
+    monkeypatch.setenv("OUT", "/elsewhere")  # as `make day-3 OUT=...` exports its variables to the day
+    monkeypatch.setenv("MAKEFLAGS", " -- OUT=/elsewhere")
     env = child_env(by["validate"])
-    assert "MAKEFLAGS" not in env and "MAKELEVEL" not in env  # the nested make sees only the day's own switches
+    assert not {"MAKEFLAGS", "MAKELEVEL", "OUT"} & set(env)  # the nested make sees only what the day passes
     dry = subprocess.run([validate[0], "-n", *validate[1:]], capture_output=True, text=True, env=env)
     assert dry.returncode == 0 and "packager.validate submission-3" in dry.stdout, dry.stderr
     one = plan_stages(load_spec(spec_path(REPO / "submissions", "submission-1"))[0], lay, Switches(validate=False))

@@ -42,9 +42,15 @@ def _opt(flag: str, value: object | None) -> list[str]:
     return [] if value is None else [flag, str(value)]
 
 
+# The day's own switches: make exports command-line variables to its recipes' environment, so a nested
+# make would read them; it gets only what the day passes. (CONF, SUITE, URL, ... still reach make eval-N.)
+DAY_SWITCHES = ("SUBMISSIONS", "MODEL", "BASE", "ADAPTER", "DATA_DIR", "OUT", "PASSAGES", "STEPS", "BUDGET", "OFFLINE",
+                "STRICT", "VALIDATE", "EVAL", "JSON", "DIST")
+
+
 def _make_env() -> dict[str, str]:
-    """A nested make must not inherit the day's own make's command-line variables (OUT=, MODEL=, ...)."""
-    return {"MAKEFLAGS": "", "MFLAGS": "", "MAKELEVEL": "", "MAKEOVERRIDES": ""}
+    """Removed from a nested make's environment (an empty value removes): the day's make and its switches."""
+    return {k: "" for k in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", *DAY_SWITCHES)}
 
 
 def _make(target: str, variables: dict[str, object | None]) -> list[str]:
