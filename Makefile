@@ -23,7 +23,7 @@ MODEL_FLAGS  := $(if $(MODEL),--model $(MODEL)) $(if $(ADAPTER),--adapter $(ADAP
 .PHONY: docs helm-venv helm-lock eval-compare helm-mix prune local-inputs help venv lock specs submissions test clean base-image wheelhouse tiny-model tiny-gptq convert
 
 # Model stages: SRC/OUT (convert), MODEL=dir, DATA_DIR=dir, OUT=dir (quantize, data, train), DRY_RUN=1,
-# BUDGET=ignore (quantize, train, humpback), STEPS=n (train), PASSAGES=n (humpback), HUMPBACK=dir (data, train:
+# BUDGET=ignore (quantize, train, humpback), STEPS=n and DEADLINE=when (train: stop cleanly there, checkpoint saved), PASSAGES=n (humpback), HUMPBACK=dir (data, train:
 # make humpback-N's curated/ folder when OUT moved it), SUBMISSIONS=dir (model stages: specs from another folder).
 SRC      ?=
 OUT      ?=
@@ -31,6 +31,7 @@ DATA_DIR ?=
 DRY_RUN  ?=
 BUDGET   ?=
 STEPS    ?=
+DEADLINE ?=
 PASSAGES ?=
 HUMPBACK ?=
 SUBMISSIONS ?=
@@ -54,7 +55,7 @@ QUANTIZE_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(
 TRAIN_DATA_FLAGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out $(OUT)/data) \
                     $(if $(HUMPBACK),--humpback $(HUMPBACK))
 TRAIN_FLAGS      := $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT) --data $(OUT)/data) \
-                    $(if $(STEPS),--steps $(STEPS)) $(if $(filter ignore,$(BUDGET)),--budget ignore)
+                    $(if $(STEPS),--steps $(STEPS)) $(if $(DEADLINE),--deadline $(DEADLINE)) $(if $(filter ignore,$(BUDGET)),--budget ignore)
 
 # MODEL, ADAPTER and DATA_DIR must be folders: checked before any slow prerequisite (base image, wheelhouse).
 local-inputs:
@@ -63,7 +64,7 @@ local-inputs:
 	done
 
 help: ## list the targets
-	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n] [PASSAGES=n] [CONF=file] [SUITE=name] [URL=url] [MAX_EVAL_INSTANCES=n]"
+	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n] [DEADLINE=when] [PASSAGES=n] [CONF=file] [SUITE=name] [URL=url] [MAX_EVAL_INSTANCES=n]"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements/dev.txt requirements/docs.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml

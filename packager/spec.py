@@ -132,6 +132,8 @@ class Checkpoints(_Strict):
 
     every: int = Field(default=50, gt=0, description="optimizer steps between checkpoints (and one at each epoch's end)")
     keep: int = Field(default=3, gt=0, description="the newest checkpoints kept; older ones are removed")
+    minutes: float | None = Field(default=None, gt=0, description="also save when this many minutes passed since "
+                                  "the last checkpoint: bounds what a SIGKILL or power loss costs in time")
 
 
 class _Source(_Strict):
@@ -323,6 +325,8 @@ class Template(_Strict):
 
 class Training(_Strict):
     method: Literal["qlora"] = "qlora"
+    path: Literal["auto", "fast", "reference"] = Field(
+        default="auto", description="how steps are computed (pipeline/train/fast.py): auto = fast on CUDA, reference elsewhere")
     lora: Lora
     optimizer: Optimizer
     schedule: Schedule
@@ -395,7 +399,7 @@ class Spec(_Strict):
 # --- loading -----------------------------------------------------------------------
 
 _HINTS = {
-    "extra_forbidden": "unknown field: check its spelling against README's spec format, or remove it",
+    "extra_forbidden": "unknown field: check its spelling against docs/spec.md, or remove it",
     "missing": "required: add it",
     "literal_error": "use one of the allowed values",
     "union_tag_invalid": "set `source` to one of oasst1, lima, arc, humpback",

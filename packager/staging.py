@@ -29,19 +29,28 @@ def readable(root: Path) -> Path:
 
 @contextmanager
 def staged_folder(dst: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `dst`; on success it replaces `dst`."""
+    """Yield an empty temporary sibling of `dst`; on success it replaces `dst`.
+
+    A previous `dst` is renamed aside before the new one moves in and removed only after, so an interrupt
+    at any point leaves either the old folder or the new one under the name, never neither."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    old = None
     try:
         yield staging
         readable(staging)
         if dst.exists():
-            shutil.rmtree(dst)
+            old = staging.with_name(staging.name.replace(".partial-", ".old-"))
+            os.replace(dst, old)
         os.replace(staging, dst)
     except BaseException:
+        if old is not None and old.exists() and not dst.exists():
+            os.replace(old, dst)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, data: object) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -10,6 +13,7 @@ from typing import Callable
 from packager.paths import SUBMISSIONS
 from packager.spec import SpecError, load_spec, spec_path
 
+from . import stops
 from .hub import SourceError
 
 
@@ -31,16 +35,41 @@ def add_run_switches(p: argparse.ArgumentParser, budget_help: str) -> None:
 
 
 def run_stage(action: Callable[[], int], errors: tuple[type[BaseException], ...], resume: str) -> int:
-    """A resumable stage's body: a known error is one line and status 2; Ctrl-C one line saying how to go on
-    (`resume`) and the shell's 130, not a traceback."""
+    """A resumable stage's body: a known error is one line and status 2; Ctrl-C, SIGTERM or SIGHUP one line
+    saying how to go on (`resume`) and the shell's status for the signal (130, 143, 129), not a traceback."""
     try:
-        return action()
+        with stops.raised():
+            return action()
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {resume}", file=sys.stderr)
-        return 130
+    except stops.Stopped as stop:
+        stops.say(f"{stop.line}; {resume}")
+        return stop.status
+    except KeyboardInterrupt as stop:
+        stops.say(f"interrupted ({stops.Interrupted(stops.status_of(stop) - 128).name}): {resume}")
+        return stops.status_of(stop)
+
+
+def command_again(target: str, name: str, drop: dict[str, str] | None = None) -> str:
+    """The command that starts this stage again as it was started: make's `target-NAME` with the variables
+    given on make's command line (from MAKEFLAGS), or this very python command. `drop` leaves out switches,
+    as {make variable: python flag} (e.g. {"STEPS": "--steps"}: continuing after a STEPS stop)."""
+    drop = drop or {}
+    if os.environ.get("MAKELEVEL"):
+        flags = os.environ.get("MAKEFLAGS", "")
+        assignments = shlex.split(flags.split("-- ", 1)[1]) if "-- " in flags else []
+        kept = [a for a in assignments if a.split("=", 1)[0] not in drop]
+        short = name.removeprefix("submission-") if re.fullmatch(r"submission-\d+", name) else name
+        return shlex.join(["make", f"{target}-{short}", *kept])
+    words, argv = [], iter(getattr(sys, "orig_argv", sys.argv))
+    for word in argv:
+        if word.split("=", 1)[0] in drop.values():
+            if "=" not in word:
+                next(argv, None)  # the flag's value
+            continue
+        words.append(word)
+    return shlex.join(words)
 
 
 def check_local_inputs(args: argparse.Namespace) -> None:

@@ -40,6 +40,8 @@ def test_humpback_switches_reach_the_stage_and_data(tmp_path):
     run = make("-n", "humpback-3", "MODEL=/m", "DATA_DIR=/d", "OUT=/o", "PASSAGES=50", "BUDGET=ignore").stdout.split()
     assert {"pipeline.humpback", "submission-3", "--model", "/m", "--data-dir", "/d", "--out", "/o", "--passages", "50",
             "--budget", "ignore"} <= set(run)
+    train = make("-n", "train-3", "STEPS=5", "DEADLINE=6h").stdout.split()
+    assert {"--steps", "5", "--deadline", "6h"} <= set(train)
     data = make("-n", "train-3", "HUMPBACK=/o/curated").stdout.split()
     assert data.count("--humpback") == 1 and "/o/curated" in data
     publish = make("-n", "publish-humpback-3", "OUT=/o").stdout.split()

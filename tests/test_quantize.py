@@ -7,7 +7,9 @@ WikiText comes from a local copy in the Hub layout (DATA_DIR).
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 
 import pytest
 
@@ -127,6 +129,24 @@ def test_over_budget_is_refused(inputs, monkeypatch, capsys):
     monkeypatch.setattr(quantize, "models_table", lambda: {"gpu": tiny_gpu})
     assert quantize.main(_args(inputs, "--out", str(inputs / "never"))) == 2
     assert "does NOT fit" in capsys.readouterr().err and not (inputs / "never").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stopped_run_leaves_no_artifact_and_says_what_it_keeps(inputs, tmp_path, monkeypatch, capsys, signum):
+    from pipeline.quantize import gptq
+
+    def stopped_mid_gptq(*a, **k):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal should have stopped the run")
+
+    monkeypatch.setattr(gptq, "run_gptq", stopped_mid_gptq)
+    out, work = tmp_path / "artifact", tmp_path / "work"
+    args = _args(inputs, "--out", str(out), "--work", str(work))
+    assert quantize.main(args) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"interrupted ({signal.Signals(signum).name})" in err and "from the first layer" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [work]  # no artifact, no staging folder beside it
+    assert (work / "calibration.json").is_file()
 
 
 def test_input_errors_name_the_fix(inputs, tmp_path, capsys):

@@ -102,17 +102,166 @@ def test_a_finished_run_is_up_to_date(world, straight, capsys):
     assert "up to date" in capsys.readouterr().out
 
 
-def test_stopping_and_resuming_gives_the_straight_runs_losses(world, straight):
-    out = world / "train-2-resumed"
-    assert train.main(_args(world, 2, out, "--steps", "3")) == 0
-    run = json.loads((out / "run.json").read_text())
-    assert not run["finished"] and run["steps"] == 3 and (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert train.main(_args(world, 2, out)) == 0
+def _adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _same_run(out: Path, straight: Path, first_run_log: str) -> None:
+    """A stopped-and-resumed run equals the straight one: same steps and losses, same adapter, and the log the
+    first run wrote is the start of the final log (continued, not rewritten)."""
+    import torch
+
     got, want = _log(out), _log(straight)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-4)
+    assert (out / "log.jsonl").read_text().startswith(first_run_log)
+    a, b = _adapter(out), _adapter(straight)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+    assert json.loads((out / "run.json").read_text())["finished"]
+
+
+def _steps_per_epoch(world) -> int:
+    return math.ceil(json.loads((world / "data-2" / "manifest.json").read_text())["examples"] / 2)
+
+
+def test_stopping_at_steps_saves_a_checkpoint_and_resumes_there(world, straight, capsys):
+    out = world / "train-2-resumed"
+    assert train.main(_args(world, 2, out, "--steps", "3")) == 0
+    said = capsys.readouterr().out
+    assert "stopped by STEPS at step 3 of" in said and "step-000003" in said
+    assert "continue with: " in said and "--steps" not in said.split("continue with: ")[1]
+    run = json.loads((out / "run.json").read_text())
+    assert not run["finished"] and run["steps"] == 3 and run["stopped_by"] == "STEPS"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoints" / "step-000003" / "state.json").is_file()  # every = 4: this one is the stop's
+    first = (out / "log.jsonl").read_text()
+    assert train.main(_args(world, 2, out)) == 0
+    assert "resuming from" in capsys.readouterr().out and "continues at step 4" not in first
+    _same_run(out, straight, first)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert len(kept) == 3 and kept[-1] == f"step-{len(want):06d}"  # keep = 3
+    assert len(kept) == 3 and kept[-1] == f"step-{len(_log(straight)):06d}"  # keep = 3
+
+
+def _inside_step(world, step: int) -> int:
+    """How many micro-batches the loop has run once it is one micro-batch into optimizer step `step`
+    (batch 1, accumulation 2: each epoch's last group is short when the examples are odd in number)."""
+    examples = json.loads((world / "data-2" / "manifest.json").read_text())["examples"]
+    groups = [min(2, examples - i) for i in range(0, examples, 2)] * 3
+    assert groups[step - 1] == 2, "pick a step of two micro-batches"
+    return sum(groups[: step - 1]) + 1
+
+
+class _SignalAt:
+    """forward_backward that sends `signum` to this process after its `at`-th call of the training loop
+    (the plan's probe makes 4 calls first)."""
+
+    PROBE_CALLS = 4
+
+    def __init__(self, real, signum: int, at: int):
+        self.real, self.signum, self.at, self.calls = real, signum, at + self.PROBE_CALLS, 0
+
+    def __call__(self, *a, **k):
+        loss = self.real(*a, **k)
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return loss
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_mid_step_saves_the_last_finished_step_and_resumes_exactly(world, straight, monkeypatch, capsys,
+                                                                            signum, status):
+    from pipeline.train import loop
+
+    out = world / f"train-2-{signal.Signals(signum).name}"
+    monkeypatch.setattr(loop, "forward_backward", _SignalAt(loop.forward_backward, signum, at=_inside_step(world, 6)))
+    assert train.main(_args(world, 2, out)) == status
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} at step 5 of" in err and "continue with: " in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    assert len(_log(out)) == 5 and not json.loads((out / "run.json").read_text())["finished"]
+    first = (out / "log.jsonl").read_text()
+    monkeypatch.undo()
+    assert train.main(_args(world, 2, out)) == 0
+    _same_run(out, straight, first)
+
+
+def test_a_second_interrupt_while_saving_keeps_the_previous_checkpoint(world, straight, monkeypatch, capsys):
+    from pipeline.train import checkpoint, loop
+
+    out = world / "train-2-twice"
+    sender = _SignalAt(loop.forward_backward, signal.SIGINT, at=_inside_step(world, 7))
+    monkeypatch.setattr(loop, "forward_backward", sender)
+    real_rng = checkpoint.rng_state
+
+    def second_interrupt_mid_save():
+        if sender.calls >= sender.at:  # the stop's own save, after the first SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rng()
+
+    monkeypatch.setattr(checkpoint, "rng_state", second_interrupt_mid_save)
+    assert train.main(_args(world, 2, out)) == 130
+    assert "interrupted (SIGINT)" in capsys.readouterr().err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]  # no half-written step-000006
+    monkeypatch.undo()
+    assert train.main(_args(world, 2, out)) == 0
+    assert [r["loss"] for r in _log(out)] == pytest.approx([r["loss"] for r in _log(straight)], rel=1e-4)
+
+
+def test_the_deadline_stops_cleanly_and_the_run_resumes(world, straight, monkeypatch, capsys):
+    from pipeline import stops
+    from pipeline.train import loop
+
+    out = world / "train-2-deadline"
+    clock = {"now": 1_000_000.0}
+    monkeypatch.setattr(stops, "now", lambda: clock["now"])
+    real = loop.forward_backward
+
+    def slow(*a, **k):
+        clock["now"] += 60.0  # each micro-batch takes a minute on this clock
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "forward_backward", slow)
+    assert train.main(_args(world, 2, out, "--deadline", "15m")) == 0
+    said = capsys.readouterr().out
+    assert "stopped by the deadline (15m" in said and "continue with: " in said
+    steps = len(_log(out))
+    assert 0 < steps < _steps_per_epoch(world) * 3
+    assert (out / "checkpoints" / f"step-{steps:06d}").is_dir()
+    first = (out / "log.jsonl").read_text()
+    monkeypatch.undo()
+    assert train.main(_args(world, 2, out)) == 0
+    _same_run(out, straight, first)
+
+
+def test_checkpoints_every_few_minutes_whatever_the_step_count(world, monkeypatch, tmp_path):
+    from pipeline import stops
+    from pipeline.train import loop
+
+    subs = tmp_path / "subs"
+    (subs / "submission-2").mkdir(parents=True)
+    text = (world / "submissions" / "submission-2" / "spec.toml").read_text()
+    assert "every = 4" in text and "minutes = 30" in text
+    (subs / "submission-2" / "spec.toml").write_text(text.replace("every = 4", "every = 1000")
+                                                     .replace("minutes = 30", "minutes = 2.5"))
+    clock = {"now": 0.0}
+    monkeypatch.setattr(stops, "now", lambda: clock["now"])
+    real = loop.forward_backward
+
+    def slow(*a, **k):
+        clock["now"] += 60.0
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "forward_backward", slow)
+    args = _args(world, 2, tmp_path / "run", "--steps", "7")
+    args[args.index("--submissions") + 1] = str(subs)
+    assert train.main(args) == 0
+    # a minute a micro-batch, two a step: a checkpoint once 2.5 minutes passed (and the stop's at 7)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000004", "step-000006",
+                                                                                  "step-000007"]
 
 
 def test_a_killed_run_resumes_with_the_same_losses(world, straight):
@@ -121,13 +270,13 @@ def test_a_killed_run_resumes_with_the_same_losses(world, straight):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *_args(world, 2, out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while time.time() < deadline and not (out / "checkpoints" / "step-000002" / "state.json").is_file():
+    while time.time() < deadline and len(_log(out) if (out / "log.jsonl").is_file() else []) < 6:
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "run.json").is_file()  # it never finished
-    assert train.main(_args(world, 2, out)) == 0
+    assert train.main(_args(world, 2, out)) == 0  # from step-000004: what the kill lost is trained again
     assert [r["loss"] for r in _log(out)] == pytest.approx([r["loss"] for r in _log(straight)], rel=1e-4)
 
 
@@ -281,3 +430,17 @@ def test_a_refused_run_leaves_no_run_folder(world, tmp_path):
     assert train.main(["submission-2", "--submissions", str(world / "submissions"), "--model", str(world / "artifact"),
                        "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_the_continue_command_is_the_users_own(monkeypatch):
+    from pipeline.cli import command_again
+
+    monkeypatch.delenv("MAKELEVEL", raising=False)
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "pipeline.train", "submission-2", "--steps", "3",
+                                           "--out", "a b", "--deadline=6h"])
+    assert command_again("train", "submission-2", {"STEPS": "--steps", "DEADLINE": "--deadline"}) == \
+        "python -m pipeline.train submission-2 --out 'a b'"
+    monkeypatch.setenv("MAKELEVEL", "1")
+    monkeypatch.setenv("MAKEFLAGS", r"s -- STEPS=3 OUT=a\ b DEADLINE=6h")
+    assert command_again("train", "submission-2", {"STEPS": "--steps", "DEADLINE": "--deadline"}) == "make train-2 'OUT=a b'"
+    assert command_again("train", "mine") == "make train-mine STEPS=3 'OUT=a b' DEADLINE=6h"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from packager.budget import models_table
 from packager.paths import REPO
 from packager.spec import SpecError
 
-from ..cli import check_local_inputs, spec_with, stage_parser
+from ..cli import check_local_inputs, run_stage, spec_with, stage_parser
 from ..convert import ConvertError, as_qwen2
 from ..device import emulate_4090
 from ..hub import SourceError, dataset_files, model_folder, weights_fingerprint
@@ -146,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--emulate-4090", action="store_true", help="cap GPU memory at 24 GiB (on a bigger card)")
     args = p.parse_args(argv)
-    try:
+
+    def checked_run() -> int:
         check_local_inputs(args)
         return run(args)
-    except (QuantizeError, SpecError, SourceError, ConvertError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_stage(checked_run, (QuantizeError, SpecError, SourceError, ConvertError, ValueError),
+                     "run it again: the converted base and calibration windows are kept, GPTQ starts again "
+                     "from the first layer (it keeps no state between layers that could be resumed)")
 
 
 if __name__ == "__main__":

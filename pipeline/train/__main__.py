@@ -19,11 +19,13 @@ from pathlib import Path
 from packager.paths import REPO
 from packager.spec import SpecError
 
-from ..cli import add_run_switches, run_stage, spec_with
+from .. import stops
+from ..cli import add_run_switches, command_again, run_stage, spec_with
 from ..hub import SourceError, model_folder, weights_fingerprint
 from packager.staging import staged_folder, write_json
 from ..data.__main__ import DATA
-from . import checkpoint, curves, plan
+from ..stops import Deadline
+from . import checkpoint, curves, fast, plan
 from .checkpoint import CheckpointError, Position
 from .loop import StepResult, make_optimizer, make_scheduler, probe, train
 from .model import ModelError, add_lora, load_base, trainable_parameters, weight_bytes
@@ -89,16 +91,24 @@ def versions() -> dict[str, str | None]:
 
 
 class Progress:
-    """The progress bar, the JSONL log and the checkpoint cadence, called after every optimizer step."""
+    """The progress bar, the JSONL log and the checkpoint cadence (every `every` steps or `minutes`, and at
+    each epoch's end), called after every optimizer step; `save` also writes the checkpoint of a stop."""
 
     def __init__(self, out: Path, total: int, position: Position, model, optimizer, scheduler, cfg, rid: str, device):
         from tqdm import tqdm
 
         self.out, self.total, self.cfg, self.rid, self.device = out, total, cfg, rid, device
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.saved_step, self.saved_at = position.step, stops.now()
         self.log = out / "log.jsonl"
-        kept = [r for r in curves.read_log(self.log) if r["step"] <= position.step]  # drop steps after the checkpoint
-        self.log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        rows = curves.read_log(self.log)
+        kept = [r for r in rows if r["step"] <= position.step]
+        if len(kept) < len(rows) or (self.log.is_file() and not self.log.read_text().endswith("\n")):
+            # steps logged after the newest checkpoint were lost with the process that ran them (SIGKILL, power)
+            self.log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if position.step:
+                print(f"{self.log}: {len(rows) - len(kept)} steps logged after step {position.step} were lost with the "
+                      f"process that trained them; they are trained again", flush=True)
         self.bar = tqdm(total=total, initial=position.step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def __call__(self, position: Position, result: StepResult) -> None:
@@ -114,10 +124,29 @@ class Progress:
         post = {"loss": f"{result.loss:.4f}", "lr": f"{result.lr:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
         if mem is not None:
             post["mem"] = f"{mem:.1f}G"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-        if result.end_of_epoch or position.step % self.cfg.every == 0 or position.step == self.total:
-            checkpoint.save(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, position, self.rid, self.cfg.keep)
+        try:
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        except (OSError, ValueError):
+            self.bar.disable = True  # the terminal is gone (SIGHUP): training and saving go on
+        minutes = self.cfg.minutes is not None and stops.now() - self.saved_at >= self.cfg.minutes * 60
+        if result.end_of_epoch or position.step % self.cfg.every == 0 or position.step == self.total or minutes:
+            self.save(position)
+
+    def save(self, position: Position) -> Path:
+        """The checkpoint of `position` (written whole or not at all); nothing to do if it is the newest."""
+        folder = self.out / "checkpoints" / f"step-{position.step:06d}"
+        if self.saved_step != position.step or not folder.is_dir():
+            folder = checkpoint.save(self.out / "checkpoints", self.model, self.optimizer, self.scheduler, position,
+                                     self.rid, self.cfg.keep)
+            self.saved_step, self.saved_at = position.step, stops.now()
+        return folder
+
+    def close(self) -> None:
+        try:
+            self.bar.close()
+        except (OSError, ValueError):
+            pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,15 +171,19 @@ class Options:
     budget: str | None = None
     device: str = "auto"
     emulate_4090: bool = False
+    deadline: Deadline | None = None
+    onward: str | None = None  # the command that continues after a STEPS or deadline stop, as the user runs it
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> "Options":
-        return cls(args.steps, args.budget, args.device, args.emulate_4090)
+        onward = command_again("train", args.name, {"STEPS": "--steps", "DEADLINE": "--deadline"})
+        return cls(args.steps, args.budget, args.device, args.emulate_4090, args.deadline, onward)
 
 
 def train_adapter(spec, spec_sha: str, training, examples: list[dict], data_sha: str, base: Path, out: Path,
                   options: Options = Options(), plan_only: bool = False):
-    """Train `training`'s LoRA on `examples` into `out` (resuming there); True once finished.
+    """Train `training`'s LoRA on `examples` into `out` (resuming there); True once finished, False when
+    stopped at `options.steps` or the deadline; a stop signal raises `stops.Stopped` once the checkpoint is saved.
 
     With `plan_only`, measure and return the 4090 projection (a `plan.Plan`) and train nothing:
     the Humpback stage sums its seed models' plans before it starts any of them.
@@ -183,12 +216,13 @@ def train_adapter(spec, spec_sha: str, training, examples: list[dict], data_sha:
     trainable = sum(p.numel() for p in params)
     optimizer = make_optimizer(params, training.optimizer, device)
     scheduler = make_scheduler(optimizer, total, s)
+    path = fast.resolve_path(training.path, device)  # the fast path on CUDA by default; the reference elsewhere
     print(f"{spec.name}: LoRA r={training.lora.r} on {training.lora.resolved()}: "
-          f"{trainable:,} trainable parameters; {total} optimizer steps on {device}", flush=True)
+          f"{trainable:,} trainable parameters; {total} optimizer steps on {device} ({path} path)", flush=True)
 
     # 2. fresh start: measure, project onto one RTX 4090, refuse over budget; resume: restore everything
     if resume is None:
-        measured = probe(model, examples, s, pad_id, device)
+        measured = (fast.probe if path == "fast" else probe)(model, examples, s, pad_id, device)
         cfg = model.config
         total_tokens = s.epochs * sum(len(e["input_ids"]) for e in examples)
         estimated = plan.estimate_memory(weight_bytes(model), trainable,
@@ -206,33 +240,57 @@ def train_adapter(spec, spec_sha: str, training, examples: list[dict], data_sha:
         position = Position()
     else:
         position = checkpoint.load(resume, model, optimizer, scheduler)
-        print(f"resuming from {resume} (step {position.step} of {total}, epoch {position.epoch + 1})", flush=True)
+        print(f"resuming from {resume} (step {position.step} of {total}, epoch {position.epoch + 1}); "
+              f"{out / 'log.jsonl'} continues at step {position.step + 1}", flush=True)
 
-    # 3. train, checkpointing as it goes
+    # 3. train, checkpointing as it goes; a stop (STEPS, a signal, the deadline) saves where it is
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
     progress = Progress(out, total, position, model, optimizer, scheduler, training.checkpoints, rid, device)
     started = time.perf_counter()
     stop_at = None if options.steps is None else min(total, options.steps)
-    if stop_at is None or position.step < stop_at:
-        position = train(model, optimizer, scheduler, examples, s, position, pad_id, device, progress, stop_at)
-    progress.bar.close()
+    with stops.requested(on_stop_request, options.deadline) as requests:
+        why = None
+        if stop_at is None or position.step < stop_at:
+            position, why = train(model, optimizer, scheduler, examples, s, position, pad_id, device, progress, stop_at,
+                                  requests.reason, fast.Step(pad_id, device) if path == "fast" else None)
+        progress.close()
+        finished = position.step >= total
+        saved = progress.save(position) if position.step and not finished else None
 
-    # 4. the adapter, the record, the curves
-    finished = position.step >= total
-    with staged_folder(out / "adapter") as tmp:
-        model.save_pretrained(tmp, save_embedding_layers=False)
-    rows = curves.read_log(out / "log.jsonl")
-    write_json(record, {
-        "submission": spec.name, "run_id": rid, "spec_sha256": spec_sha, "data_manifest_sha256": data_sha,
-        "base": spec.artifact.model_dump(mode="json"), "finished": finished, "steps": position.step, "total_steps": total,
-        "epochs_done": position.epoch, "final_loss": rows[-1]["loss"] if rows else None,
-        "seconds_this_session": round(time.perf_counter() - started, 1), "device": str(device), "versions": versions(),
-    })
-    if rows:
-        curves.plot(rows, out / "curves.png", f"{spec.name}: QLoRA r={training.lora.r}, {training.optimizer.name}")
-    state = "finished" if finished else f"stopped at step {position.step} of {total} (run again to continue)"
-    print(f"{state}: adapter in {out / 'adapter'}, log {out / 'log.jsonl'}, curves {out / 'curves.png'}")
-    return finished
+        # 4. the adapter, the record, the curves
+        with staged_folder(out / "adapter") as tmp:
+            model.save_pretrained(tmp, save_embedding_layers=False)
+        rows = curves.read_log(out / "log.jsonl")
+        write_json(record, {
+            "submission": spec.name, "run_id": rid, "spec_sha256": spec_sha, "data_manifest_sha256": data_sha,
+            "base": spec.artifact.model_dump(mode="json"), "finished": finished, "steps": position.step,
+            "total_steps": total, "epochs_done": position.epoch, "final_loss": rows[-1]["loss"] if rows else None,
+            "seconds_this_session": round(time.perf_counter() - started, 1), "device": str(device),
+            "versions": versions(), "stopped_by": None if finished else (why or "STEPS"),
+        })
+        if rows:
+            curves.plot(rows, out / "curves.png", f"{spec.name}: QLoRA r={training.lora.r}, {training.optimizer.name}")
+    if finished:
+        print(f"finished: adapter in {out / 'adapter'}, log {out / 'log.jsonl'}, curves {out / 'curves.png'}")
+        return True
+    kept = f"checkpoint {saved}" if saved else "nothing trained yet"
+    line = f"stopped by {why or 'STEPS'} at step {position.step} of {total}; {kept}, adapter in {out / 'adapter'}"
+    if requests.signalled:
+        raise stops.Stopped(requests.signum, line)
+    print(f"{line}; continue with: {options.onward}" if options.onward else f"{line}; run again to continue")
+    return False
+
+
+def on_stop_request(name: str) -> None:
+    stops.say(f"{name}: stopping at the next micro-batch and saving a checkpoint of the last finished step "
+              f"({name} again abandons the save; the previous checkpoint stays)")
+
+
+def deadline(text: str) -> Deadline:
+    try:
+        return Deadline.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="the data stage's folder (default build/data/NAME)")
     p.add_argument("--out", type=Path, help="run folder (default build/train/NAME)")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps in all (smoke runs; run again to go on)")
+    p.add_argument("--deadline", type=deadline, metavar="WHEN",
+                   help="stop cleanly by then, checkpoint saved: a date-time (2026-12-02T18:00) or a duration (6h, 90m)")
     add_run_switches(p, "train even when the 4090 projection is over budget")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps <= 0:
@@ -255,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     return run_stage(lambda: run(args), (SpecError, SourceError, TrainError, ModelError, CheckpointError,
                                          plan.BudgetError, ValueError),
-                     "run it again to resume from the newest checkpoint")
+                     f"continue with: {command_again('train', args.name)}")
 
 
 if __name__ == "__main__":

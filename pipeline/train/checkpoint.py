@@ -11,6 +11,7 @@ a checkpoint of another recipe is never resumed.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -62,7 +63,9 @@ def save(root: Path, model, optimizer, scheduler, position: Position, run_id: st
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps({"run_id": run_id, **asdict(position)}, indent=2) + "\n")
     for old in listed(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        hidden = old.with_name(f".{old.name}.dropped")  # out of `listed` at once: never half a checkpoint there
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
     return dst
 
 

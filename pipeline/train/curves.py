@@ -9,7 +9,11 @@ from pathlib import Path
 def read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a row cut short by a kill mid-write: its step is trained again
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot(rows: list[dict], png: Path, title: str) -> Path:

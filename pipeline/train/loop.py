@@ -81,10 +81,20 @@ def make_scheduler(optimizer, total_steps: int, schedule):
     )
 
 
-def optimizer_step(model, optimizer, scheduler, batches: list[dict], max_grad_norm: float | None) -> tuple[float, float]:
-    """Accumulate gradients over `batches`, clip, step; return (mean loss, learning rate used)."""
+def optimizer_step(model, optimizer, scheduler, batches: list[dict], max_grad_norm: float | None,
+                   dropped: Callable[[], bool] = lambda: False) -> tuple[float, float] | None:
+    """Accumulate gradients over `batches`, clip, step; return (mean loss, learning rate used).
+
+    `dropped` is asked after each micro-batch: when it says so, the step's gradients are discarded and
+    nothing is updated (None): the model, optimizer and schedule stay at the last finished step."""
     lr = scheduler.get_last_lr()[0]
-    loss = sum(forward_backward(model, b, 1 / len(batches)) for b in batches) / len(batches)
+    losses = []
+    for b in batches:
+        losses.append(forward_backward(model, b, 1 / len(batches)))
+        if len(losses) < len(batches) and dropped():
+            optimizer.zero_grad(set_to_none=True)
+            return None
+    loss = sum(losses) / len(batches)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
@@ -94,27 +104,47 @@ def optimizer_step(model, optimizer, scheduler, batches: list[dict], max_grad_no
 
 
 def train(model, optimizer, scheduler, examples: list[dict], schedule, position: Position, pad_id: int,
-          device: torch.device, on_step: Callable[[Position, StepResult], None], stop_at: int | None = None) -> Position:
-    """Train from `position` to the end of the last epoch (or `stop_at` optimizer steps)."""
+          device: torch.device, on_step: Callable[[Position, StepResult], None], stop_at: int | None = None,
+          stop: Callable[[float], str | None] = lambda _: None, step: Callable | None = None) -> tuple[Position, str | None]:
+    """Train from `position` to the end of the last epoch, `stop_at` optimizer steps, or a stop.
+
+    `stop(seconds)` says why to stop (or None); it is asked before each optimizer step (with the last
+    step's duration, so a deadline stops before a step that would end past it) and between its
+    micro-batches. A step stopped in flight is dropped whole: its gradients discarded and every RNG put
+    back as it was when the step began, so the returned position resumes exactly. Returns the position
+    reached and the reason it stopped early (None at the end or at `stop_at`)."""
     model.train()
     acc = schedule.gradient_accumulation
+    last = 0.0
     for epoch in range(position.epoch, schedule.epochs):
         micros = micro_batches(epoch_order(len(examples), epoch, schedule.seed), schedule.batch_size)
         start = position.micro if epoch == position.epoch else 0
         for first in range(start, len(micros), acc):
+            if (why := stop(last)) is not None:
+                return position, why
             group = micros[first : first + acc]
-            started = time.perf_counter()
-            batches = [collate([examples[i] for i in ids], pad_id, device) for ids in group]
-            loss, lr = optimizer_step(model, optimizer, scheduler, batches, schedule.max_grad_norm)
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            started, rng = time.perf_counter(), rng_state()
+            if step is not None:  # another path's step (pipeline/train/fast.py): same group, same contract
+                done = step(model, optimizer, scheduler, [[examples[i] for i in ids] for ids in group],
+                            schedule.max_grad_norm, lambda: stop(0.0) is not None)
+            else:
+                batches = [collate([examples[i] for i in ids], pad_id, device) for ids in group]
+                done = optimizer_step(model, optimizer, scheduler, batches, schedule.max_grad_norm,
+                                      lambda: stop(0.0) is not None)
+            if done is None:
+                set_rng_state(rng)
+                return position, stop(0.0)
+            loss, lr = done
+            tokens = sum(len(examples[i]["input_ids"]) for ids in group for i in ids)
             end = first + len(group) >= len(micros)
             position = Position(epoch + 1, 0, position.step + 1) if end else Position(epoch, first + len(group), position.step + 1)
-            on_step(position, StepResult(loss, lr, tokens, time.perf_counter() - started, end))
+            last = time.perf_counter() - started
+            on_step(position, StepResult(loss, lr, tokens, last, end))
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {position.step}; lower the learning rate")
             if stop_at is not None and position.step >= stop_at:
-                return position
-    return position
+                return position, None
+    return position, None
 
 
 def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, timed: int = 3) -> Probe:
