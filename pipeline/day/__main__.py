@@ -122,7 +122,10 @@ def run_day(spec, lay: Layout, sw: Switches, args: argparse.Namespace) -> int:
             continue
         status = "interrupted" if outcome.interrupted else "failed"
         state.record(stage.name, stage.argv, outcome, status)
-        write_report(spec, lay, sw, args, quiet=True)
+        try:  # the report of a stopped day helps; its failure must not hide the stage's
+            write_report(spec, lay, sw, args, quiet=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: the report was not written ({type(e).__name__}: {e})", file=sys.stderr)
         if status == "interrupted":
             print(f"\n== day interrupted in {stage.name} after {took}: run `{again(args)}` again to resume "
                   "(finished stages are kept) ==", file=sys.stderr, flush=True)
