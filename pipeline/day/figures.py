@@ -45,12 +45,19 @@ class HumpbackFigures(_Strict):
         return best, best.batch == batch
 
 
+class TrainingPath(_Strict):
+    source: str
+    speedup: float = Field(gt=0)
+    peak_gib: float = Field(gt=0)
+
+
 class TrainingFigures(_Strict):
     source: str
     model: str
     r: int
     max_length: int
     peak_gib: float
+    paths: dict[str, TrainingPath] = {}
 
 
 class SourceFigures(_Strict):

@@ -208,10 +208,21 @@ def training_projection(spec: Spec, shape: ModelShape, figures: Figures, example
                               total_tokens=tokens * epochs, parameters=shape.parameters, trainable=trainable,
                               optimizer=t.optimizer.name, estimated_bytes=estimated)
     m = figures.training
-    if (spec.base_model.repo_id == m.model and t.lora.r == m.r and s.max_length == m.max_length
-            and shape.source.startswith(m.model)):
+    measured_shape = (spec.base_model.repo_id == m.model and t.lora.r == m.r and s.max_length == m.max_length
+                      and shape.source.startswith(m.model))
+    if measured_shape:
         plan.peak_gib_4090, plan.memory_source = m.peak_gib, "measured (figures.toml [training])"
-    return plan, plan.memory_source
+    path = "fast" if t.path == "auto" else t.path  # auto: the fast path on CUDA, as on a 4090
+    note = f"the {path} path"
+    if path in m.paths:
+        fast = m.paths[path]
+        plan.hours_4090 /= fast.speedup
+        plan.card = f"{plan.card}, {path} path / {fast.speedup:g}"
+        note += f" at {fast.speedup:g}x the reference (figures.toml [training.paths.{path}])"
+        if measured_shape:
+            plan.peak_gib_4090 = fast.peak_gib
+            plan.memory_source = f"measured on the {path} path"
+    return plan, f"{note}; peak {plan.memory_source}"
 
 
 # --- the rows -----------------------------------------------------------------------------------------
@@ -363,7 +374,7 @@ def train_row(spec: Spec, lay: Layout, shape: ModelShape, figures: Figures, sour
     status = "done" if run.get("finished") else "estimated"
     counted = "tokens counted by make data-N" if data_status == "done" else "tokens estimated"
     return Row("train", True, work, plan.hours_4090, plan.peak_gib_4090, status,
-               f"pipeline/train/plan.py FLOPs path at training_efficiency (gpus.toml); {counted}; peak {memory}", detail)
+               f"pipeline/train/plan.py's FLOPs projection at training_efficiency (gpus.toml); {counted}; {memory}", detail)
 
 
 def helm_row(spec: Spec, lay: Layout, figures: Figures, served: Path | None) -> Row:
