@@ -3,7 +3,9 @@
 schemathesis generates requests from the app's own OpenAPI schema (valid and invalid) and checks
 every answer against it; hypothesis generates HELM-shaped requests (any unicode and control
 characters, stop sequences, echo, top_k_per_token, temperatures, seeds) and checks what HELM
-relies on. Both are bounded in examples so that `make test` stays quick.
+relies on. Both are bounded in examples so that `make test` stays quick. Each engine runs one request
+at a time (the default); the static engine also batched (`max_batch = 4`), where a neighbour client
+keeps sending greedy requests so that the fuzzed ones are decoded beside another row.
 """
 
 from __future__ import annotations
@@ -20,15 +22,38 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance,
 from conftest import ENGINES, make_config, serving
 
 CONTEXT = 256
+SERVERS = [(engine, 1) for engine in ENGINES] + [("static", 4)]
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+@pytest.fixture(scope="module", params=SERVERS, ids=[f"{e}-batch{b}" for e, b in SERVERS])
 def live(request, tiny_model_dir):
+    import threading
+
     from helm_server.app import create_app
 
-    with serving(create_app(make_config(tiny_model_dir, server={"engine": request.param}, context_length=CONTEXT,
-                                        max_top_k_per_token=20, max_prompt_chars=2000))) as url:
-        yield url
+    engine, batch = request.param
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine, "max_batch": batch},
+                                        context_length=CONTEXT, max_top_k_per_token=20, max_prompt_chars=2000))) as url:
+        stop = threading.Event()
+        neighbour_errors: list[str] = []
+
+        def neighbour() -> None:  # a second client: the fuzzed requests share the batch with it
+            body = {"prompt": "The capital of France is ", "temperature": 0.0, "max_new_tokens": 6}
+            while not stop.wait(0.01):
+                response = requests.post(f"{url}/process", json=body, timeout=60)
+                if response.status_code != 200:
+                    neighbour_errors.append(response.text)
+
+        thread = threading.Thread(target=neighbour, daemon=True)
+        if batch > 1:
+            thread.start()
+        try:
+            yield url
+        finally:
+            stop.set()
+            if batch > 1:
+                thread.join(timeout=60)
+        assert not neighbour_errors, neighbour_errors[:3]
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,22 @@ import pytest
 import requests
 import torch
 
+from conftest import ENGINES, make_config, serving
 from helm_requests import completion, decoding, tokenization
 from packager.tiny_model import QWEN_EOS_ID
 
 PROMPT = "The capital of France is "
+# Each engine one request at a time (the default) and batched (`[server] max_batch`, continuous batching).
+SERVERS = [(engine, batch) for batch in (1, 4) for engine in ENGINES]
+
+
+@pytest.fixture(scope="module", params=SERVERS, ids=[f"{e}-batch{b}" for e, b in SERVERS])
+def base_url(request, tiny_model_dir):
+    from helm_server.app import create_app
+
+    engine, batch = request.param
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine, "max_batch": batch}))) as url:
+        yield url
 
 
 def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
@@ -206,11 +218,27 @@ def test_organizers_first_probe(base_url):
 
 
 def test_concurrent_clients_are_served_in_turn(base_url):
+    """In turn at batch 1, together when batched: the same answer either way."""
     body = {"prompt": PROMPT, "temperature": 0.0, "max_new_tokens": 6}
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
         responses = list(pool.map(lambda _: requests.post(f"{base_url}/process", json=body, timeout=120), range(6)))
     assert {r.status_code for r in responses} == {200}
     assert len({r.json()["text"] for r in responses}) == 1
+
+
+def test_concurrent_helm_clients_get_what_each_gets_alone(base_url):
+    """Four HELM-shaped requests at once (greedy, seeded sampled, echo, stop) answer as each does alone."""
+    bodies = [{"prompt": PROMPT, "temperature": 0.0, "max_new_tokens": 9, "top_k_per_token": 3},
+              {"prompt": "Once upon a time", "temperature": 0.8, "seed": 11, "max_new_tokens": 12},
+              {"prompt": "Question: 2+2?\nAnswer:", "echo_prompt": True, "temperature": 0.0, "max_new_tokens": 3},
+              {"prompt": "HELM evaluates ", "temperature": 0.0, "max_new_tokens": 12, "stop_sequences": ["e"]}]
+    post = lambda b: requests.post(f"{base_url}/process", json=b, timeout=120).json()  # noqa: E731
+    alone = [post(b) for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        together = list(pool.map(post, bodies))
+    for a, b in zip(alone, together):
+        assert a["text"] == b["text"] and len(a["tokens"]) == len(b["tokens"])
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
 
 
 def test_health_reports_the_served_model(base_url, tiny_model_dir):

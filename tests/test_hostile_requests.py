@@ -9,7 +9,22 @@ import json
 import math
 import time
 
+import pytest
 import requests
+
+from conftest import ENGINES, make_config, serving
+
+# Each engine one request at a time (the default) and batched (`[server] max_batch`).
+SERVERS = [(engine, batch) for batch in (1, 4) for engine in ENGINES]
+
+
+@pytest.fixture(scope="module", params=SERVERS, ids=[f"{e}-batch{b}" for e, b in SERVERS])
+def base_url(request, tiny_model_dir):
+    from helm_server.app import create_app
+
+    engine, batch = request.param
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine, "max_batch": batch}))) as url:
+        yield url
 
 
 def _post(base_url: str, body: dict) -> tuple[requests.Response, float]:
@@ -66,28 +81,32 @@ def test_a_lone_surrogate_is_refused_naming_the_field_not_a_500(base_url):
     assert _healthy(base_url)
 
 
-def test_a_full_queue_is_answered_503_at_once_and_health_stays_up(tiny_model_dir):
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_a_full_queue_is_answered_503_at_once_and_health_stays_up(tiny_model_dir, max_batch):
     import threading
 
-    from conftest import make_config, serving
     from helm_server.app import create_app
 
-    config = make_config(tiny_model_dir, context_length=2048, min_new_tokens=1900)
-    config = config.model_copy(update={"server": config.server.model_copy(update={"max_queue": 0})})
+    # the holders' deadline ends them (200, shorter) soon after the test is done with them
+    config = make_config(tiny_model_dir, context_length=2048, min_new_tokens=1900,
+                         server={"max_queue": 0, "max_batch": max_batch, "request_timeout_s": 3})
     with serving(create_app(config)) as url:
         long = {"prompt": "hi", "max_new_tokens": 1900, "temperature": 0}
-        holder = threading.Thread(target=lambda: requests.post(f"{url}/process", json=long, timeout=300))
-        holder.start()
+        holders = [threading.Thread(target=lambda: requests.post(f"{url}/process", json=long, timeout=300))
+                   for _ in range(max_batch)]
+        for holder in holders:
+            holder.start()
         try:
-            time.sleep(0.5)  # the long request holds the model; max_queue = 0: nobody may wait
+            time.sleep(0.5)  # the long requests fill the batch; max_queue = 0: nobody may wait
             response, seconds = _post(url, {"prompt": "hi", "max_new_tokens": 1})
-            assert holder.is_alive(), "the long request ended before the test could queue behind it"
+            assert all(h.is_alive() for h in holders), "a long request ended before the test could queue behind it"
             assert response.status_code == 503 and response.headers["Retry-After"] == "2"
             assert "server.max_queue" in response.json()["detail"] and seconds < 1
             start = time.perf_counter()
             assert _healthy(url) and time.perf_counter() - start < 1
         finally:
-            holder.join(timeout=300)
+            for holder in holders:
+                holder.join(timeout=300)
         assert _post(url, {"prompt": "hi", "max_new_tokens": 1})[0].status_code == 200  # free again
 
 
@@ -96,7 +115,6 @@ def test_a_full_queue_is_answered_503_at_once_and_health_stays_up(tiny_model_dir
 
 def _long_serving(tiny_model_dir, **server):
     """The tiny model forced to generate for a long time: 1,900 tokens before end-of-text may come."""
-    from conftest import make_config, serving
     from helm_server.app import create_app
 
     return serving(create_app(make_config(tiny_model_dir, server=server, context_length=2048, min_new_tokens=1900)))
@@ -105,11 +123,12 @@ def _long_serving(tiny_model_dir, **server):
 LONG = {"prompt": "Once upon a time", "max_new_tokens": 1900, "temperature": 1e-7}
 
 
-def test_a_request_past_its_deadline_is_answered_with_what_was_generated(tiny_model_dir, caplog):
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_a_request_past_its_deadline_is_answered_with_what_was_generated(tiny_model_dir, caplog, max_batch):
     import logging
 
     caplog.set_level(logging.INFO, logger="helm_server")
-    with _long_serving(tiny_model_dir, request_timeout_s=0.5) as url:
+    with _long_serving(tiny_model_dir, request_timeout_s=0.5, max_batch=max_batch) as url:
         response, seconds = _post(url, LONG)
         assert response.status_code == 200, response.text
         body = response.json()
@@ -118,11 +137,12 @@ def test_a_request_past_its_deadline_is_answered_with_what_was_generated(tiny_mo
     assert any("(deadline)" in r.getMessage() for r in caplog.records)
 
 
-def test_a_client_that_disconnects_frees_the_model_at_the_next_token(tiny_model_dir, caplog):
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_a_client_that_disconnects_frees_the_model_at_the_next_token(tiny_model_dir, caplog, max_batch):
     import logging
 
     caplog.set_level(logging.INFO, logger="helm_server")
-    with _long_serving(tiny_model_dir, request_timeout_s=600) as url:
+    with _long_serving(tiny_model_dir, request_timeout_s=600, max_batch=max_batch) as url:
         try:
             requests.post(f"{url}/process", json=LONG, timeout=0.5)
             raise AssertionError("the long request finished within half a second")

@@ -2,7 +2,9 @@
 
 Afterwards: no 5xx, every valid request answered, the process's memory flat after warm-up, and the
 last greedy answers identical to a fresh server's. `SOAK_SECONDS` sets the length (default 20 s,
-the CI profile; a few minutes for a longer run).
+the CI profile; a few minutes for a longer run). Each engine is soaked one request at a time
+(`max_batch = 1`, the default) and batched (`max_batch = 4`: the 4 HELM clients decode together,
+for half the time, and the fresh server the answers are compared with runs at batch 1).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def _greedy(client, prompt: str):
     return result.completions[0].text, [round(t.logprob, 4) for t in result.completions[0].tokens]
 
 
+@pytest.mark.parametrize("max_batch", [1, CLIENTS])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir, engine):
+def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir, engine, max_batch):
     from helm.clients.http_model_client import HTTPModelClient
     from helm.common.cache import BlackHoleCacheConfig
     from helm.tokenizers.http_model_tokenizer import HTTPModelTokenizer
@@ -58,7 +61,8 @@ def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir, engine):
     answered = [0]
     lock = threading.Lock()
 
-    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine}))) as url:
+    seconds = SECONDS if max_batch == 1 else SECONDS / 2
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine, "max_batch": max_batch}))) as url:
         client = HTTPModelClient(cache_config=BlackHoleCacheConfig(), base_url=url)
         tokenizer = HTTPModelTokenizer(cache_config=BlackHoleCacheConfig(), base_url=url)
 
@@ -100,9 +104,9 @@ def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir, engine):
             for t in threads:
                 t.join()
 
-        soak(min(5.0, SECONDS / 4))  # warm-up: allocator and caches settle
+        soak(min(5.0, seconds / 4))  # warm-up: allocator and caches settle
         before = _rss_mib()
-        soak(SECONDS)
+        soak(seconds)
         after = _rss_mib()
         last = {p: _greedy(client, p) for p in PROMPTS}
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
@@ -114,5 +118,5 @@ def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir, engine):
     with serving(create_app(make_config(tiny_model_dir, server={"engine": engine}))) as fresh_url:
         fresh = HTTPModelClient(cache_config=BlackHoleCacheConfig(), base_url=fresh_url)
         assert {p: _greedy(fresh, p) for p in PROMPTS} == last
-    print(f"soak: {answered[0]} valid requests answered, {len(statuses)} hostile ones ({sorted(set(statuses))}), "
+    print(f"soak (max_batch {max_batch}): {answered[0]} valid requests answered, {len(statuses)} hostile ones ({sorted(set(statuses))}), "
           f"RSS {before:.0f} -> {after:.0f} MiB")

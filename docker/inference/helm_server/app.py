@@ -1,9 +1,11 @@
 """FastAPI routes: HELM's `neurips/local` endpoints plus `/health`.
 
-Model work runs in a worker thread; a lock keeps the model to one request at
-a time, so concurrent clients are served in turn. At most `server.max_queue`
-requests wait; one more is answered 503 with `Retry-After` at once, instead of
-piling up threads. Each request carries a ticket (`deadline.py`): its deadline
+Model work runs in a worker thread. With `server.max_batch = 1` (the default) a
+lock keeps the model to one request at a time, so concurrent clients are served
+in turn; with more, a scheduler thread (`batching.py`) decodes up to max_batch
+requests together, each joining and leaving the batch on its own. At most
+`server.max_queue` requests wait; one more is answered 503 with `Retry-After`
+at once, instead of piling up threads. Each request carries a ticket (`deadline.py`): its deadline
 stops generation at the next token, and a watcher on the event loop cancels it
 when the client disconnects. `/health` runs on the event loop and answers even
 when every worker thread waits.
@@ -33,6 +35,7 @@ from .api import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .batching import Batcher, Busy
 from .deadline import Cancelled, Ticket, WaitedTooLong
 from .engine import Engine
 from .service import CompletionService, RequestError
@@ -62,16 +65,25 @@ def engine_name(setting: str, device_type: str) -> str:
     return "static" if device_type == "cuda" else "hf"
 
 
+def batcher_for(engine: Engine, config: ServeConfig) -> Batcher | None:
+    """A batch scheduler when the spec asks for batching and the engine can run rows (both engines can)."""
+    wanted = config.server.max_batch
+    if wanted <= 1:
+        return None
+    if not all(hasattr(engine, name) for name in ("open", "feed", "close")):
+        log.warning("server.max_batch = %d, but this engine decodes one request at a time", wanted)
+        return None
+    slots = getattr(engine, "slots", None)
+    rows = min(wanted, len(slots.caches)) if slots is not None else wanted
+    return Batcher(engine, rows, config.server.max_queue) if rows > 1 else None
+
+
 def _readable(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts)
-
-
-class Busy(Exception):
-    """The wait queue is full (answered 503 with Retry-After)."""
 
 
 class ModelGate:
@@ -113,8 +125,11 @@ REFUSALS = {400: {"model": ErrorResponse, "description": "a body that is not JSO
 T = TypeVar("T")
 
 
-async def on_model(request: Request, gate: ModelGate, timeout_s: float, work: Callable[[Ticket], T]) -> T:
-    """Run `work` on the model in a worker thread, cancelling it if the client disconnects."""
+async def on_model(request: Request, gate: ModelGate | None, timeout_s: float, work: Callable[[Ticket], T]) -> T:
+    """Run `work` in a worker thread, cancelling it if the client disconnects.
+
+    `gate`: the model is held for the whole of `work` (batch 1). None: `work` queues for the
+    model itself (the batch scheduler) or does not need it (/tokenize, /decode with batching on)."""
     ticket = Ticket(timeout_s)
 
     async def watch() -> None:
@@ -125,6 +140,9 @@ async def on_model(request: Request, gate: ModelGate, timeout_s: float, work: Ca
             await asyncio.sleep(0.05)
 
     def run() -> T:
+        if gate is None:
+            ticket.check()
+            return work(ticket)
         with gate.admit(ticket):
             return work(ticket)
 
@@ -138,15 +156,23 @@ async def on_model(request: Request, gate: ModelGate, timeout_s: float, work: Ca
 def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_engine) -> FastAPI:
     """Build the app; the model loads during startup, so /health is 200 only once it is ready."""
     state: dict[str, CompletionService] = {}
-    gate = ModelGate(config.server.max_queue)
+    gates: dict[str, ModelGate | None] = {"model": ModelGate(config.server.max_queue)}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         engine = engine_factory(config)
-        state["service"] = CompletionService(engine, config.generation)
-        log.info("ready: submission %s, model %s", config.submission, config.model.repo_id)
-        yield
-        state.clear()
+        batcher = batcher_for(engine, config)
+        state["service"] = CompletionService(engine, config.generation, batcher.submit if batcher else None)
+        if batcher is not None:
+            gates["model"] = None  # the scheduler queues and bounds /process; /tokenize and /decode skip the model
+        log.info("ready: submission %s, model %s, %s", config.submission, config.model.repo_id,
+                 f"batching up to {batcher.rows} requests" if batcher else "one request at a time")
+        try:
+            yield
+        finally:
+            state.clear()
+            if batcher is not None:
+                batcher.close()
 
     app = FastAPI(title=f"{config.submission} (HELM neurips/local)", lifespan=lifespan)
 
@@ -201,7 +227,7 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
     @app.post("/process", responses=REFUSALS)
     async def process(req: ProcessRequest, request: Request) -> ProcessResponse:
         svc = service()
-        outcome = await on_model(request, gate, timeout_s, lambda ticket: svc.process(req, ticket))
+        outcome = await on_model(request, gates["model"], timeout_s, lambda ticket: svc.process(req, ticket))
         seconds = outcome.response.request_time
         log.info(
             "process: %d prompt tokens, %d new tokens (%s), %.3f s, %.1f tokens/s",
@@ -216,11 +242,11 @@ def create_app(config: ServeConfig, engine_factory: EngineFactory = _default_eng
     @app.post("/tokenize", responses=REFUSALS)
     async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
         svc = service()
-        return await on_model(request, gate, timeout_s, lambda _: svc.tokenize(req))
+        return await on_model(request, gates["model"], timeout_s, lambda _: svc.tokenize(req))
 
     @app.post("/decode", responses=REFUSALS)
     async def decode(req: DecodeRequest, request: Request) -> DecodeResponse:
         svc = service()
-        return await on_model(request, gate, timeout_s, lambda _: svc.decode(req))
+        return await on_model(request, gates["model"], timeout_s, lambda _: svc.decode(req))
 
     return app

@@ -13,7 +13,8 @@ import functools
 import inspect
 import logging
 import time
-from dataclasses import replace
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -242,6 +243,52 @@ def checked_eos(eos_token_ids: list[int], vocab_size: int) -> frozenset[int]:
     return frozenset(eos_token_ids)
 
 
+class Decoding:
+    """One request's decode loop as a state machine: `pick` samples and scores the next token from
+    `next_logits`; whoever runs the model feeds it and sets `next_logits` again.
+
+    `decode_loop` runs one to the end (batch 1); the batch scheduler (`batching.py`) runs several,
+    one `pick` each per step. Each has its own generator: a row never depends on another.
+    """
+
+    def __init__(self, next_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                 eos: torch.Tensor, eos_ids: frozenset[int], should_stop: StopCheck) -> None:
+        self.next_logits, self.params, self.generator = next_logits, params, generator
+        self.eos, self.eos_ids, self.should_stop = eos, eos_ids, should_stop
+        self.chosen: list[int] = []
+        self.scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.steps = 0
+        self.finish: str | None = None  # None while running
+
+    def pick(self) -> torch.Tensor | None:
+        """The next token to feed, or None when the request is finished (eos, a stop, or its length)."""
+        params = self.params
+        if self.steps >= params.max_new_tokens:
+            self.finish = "length"
+            return None
+        token = sample(self.next_logits, params, self.generator, self.eos if self.steps < params.min_new_tokens else None)
+        self.steps += 1
+        token_id = int(token)
+        if token_id in self.eos_ids:
+            self.finish = "eos"
+            return None
+        self.chosen.append(token_id)
+        self.scores.append(score(self.next_logits, token, params.top_logprobs))
+        if self.should_stop(self.chosen):
+            self.finish = "stop"
+            return None
+        if self.steps >= params.max_new_tokens:
+            self.finish = "length"
+            return None
+        return token
+
+    def result(self, prompt: list[ScoredToken] | None = None) -> Generation:
+        """Scores stay on the device until this one copy."""
+        chosen, scores = self.chosen, self.scores
+        completion = _to_host(torch.tensor(chosen), *(torch.stack(s) for s in zip(*scores))) if chosen else []
+        return Generation(prompt=prompt or [], completion=completion, finish_reason=self.finish or "length")
+
+
 def decode_loop(next_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, eos: torch.Tensor,
                 eos_ids: frozenset[int], should_stop: StopCheck,
                 feed: Callable[[torch.Tensor, int], torch.Tensor]) -> Generation:
@@ -249,36 +296,40 @@ def decode_loop(next_logits: torch.Tensor, params: SamplingParams, generator: to
 
     Scores stay on the device until one copy at the end. Shared by both engines; `feed` is theirs.
     """
-    chosen: list[int] = []
-    scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    finish = "length"
-    for step in range(params.max_new_tokens):
-        token = sample(next_logits, params, generator, eos if step < params.min_new_tokens else None)
-        token_id = int(token)
-        if token_id in eos_ids:
-            finish = "eos"
-            break
-        chosen.append(token_id)
-        scores.append(score(next_logits, token, params.top_logprobs))
-        if should_stop(chosen):
-            finish = "stop"
-            break
-        if step + 1 < params.max_new_tokens:
-            next_logits = feed(token, token_id)
-    completion = _to_host(torch.tensor(chosen), *(torch.stack(s) for s in zip(*scores))) if chosen else []
-    return Generation(prompt=[], completion=completion, finish_reason=finish)
+    decoding = Decoding(next_logits, params, generator, eos, eos_ids, should_stop)
+    while (token := decoding.pick()) is not None:
+        decoding.next_logits = feed(token, decoding.chosen[-1])
+    return decoding.result()
+
+
+@dataclass
+class Row:
+    """A request in the running batch: its decode state, its echoed prompt's scores, the engine's handle."""
+
+    decoding: Decoding
+    prompt: list[ScoredToken]
+    state: object  # the engine's: a DynamicCache (hf), a cache slot index (static)
+
+    def result(self) -> Generation:
+        return self.decoding.result(self.prompt)
 
 
 class Tokenizing:
     """The text side both engines share: the served model's tokenizer."""
 
     tokenizer: object
+    # A fast tokenizer is not safe to call from two threads at once ("Already borrowed"); with batching
+    # on, request threads encode and decode while the scheduler thread runs stop checks.
+    _text_lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        with self._text_lock:
+            return list(self.tokenizer(text)["input_ids"])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        with self._text_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                         clean_up_tokenization_spaces=False)
 
 
 class HFEngine(Tokenizing):
@@ -309,3 +360,27 @@ class HFEngine(Tokenizing):
                                 self.eos_token_ids, should_stop,
                                 lambda token, _: decode_one_token(self.model, token, cache))
         return replace(generated, prompt=prompt_scored)
+
+    # --- the batch scheduler's interface (batching.py): a row per request, fed a token per step ---------
+
+    @torch.inference_mode()
+    def open(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Row:
+        """Prefill a request (and score its echoed prompt); its first token is picked from the row."""
+        context = prompt_ids or [min(self.eos_token_ids)]
+        input_ids = torch.tensor([context], device=self.device)
+        cache = DynamicCache()
+        logits = prefill(self.model, input_ids, cache, all_positions=params.echo_prompt and bool(prompt_ids))
+        prompt_scored = score_prompt(logits, input_ids[0], params.top_logprobs) if params.echo_prompt and prompt_ids else []
+        decoding = Decoding(logits[-1], params, _generator(self.device, params.seed), self._eos, self.eos_token_ids,
+                            should_stop)
+        return Row(decoding, prompt_scored, cache)
+
+    @torch.inference_mode()
+    def feed(self, rows: list[Row], tokens: list[torch.Tensor]) -> None:
+        """One step: each row's token in, its next logits out. Rows keep their own dynamic caches, of
+        different lengths, so this engine runs them one after the other (results as at batch 1)."""
+        for row, token in zip(rows, tokens):
+            row.decoding.next_logits = decode_one_token(self.model, token, row.state)
+
+    def close(self, row: Row) -> None:
+        row.state = None

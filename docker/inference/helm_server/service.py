@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .deadline import Cancelled, Ticket, unlimited
 from .api import DecodeRequest, DecodeResponse, ProcessRequest, ProcessResponse, Token, TokenizeRequest, TokenizeResponse
-from .engine import Engine, Generation, SamplingParams, ScoredToken
+from .engine import Engine, Generation, SamplingParams, ScoredToken, StopCheck
 from .settings import GenerationSettings
 from .stopping import StopMatcher
 
@@ -97,12 +98,20 @@ class Outcome:
     finish_reason: str
 
 
-class CompletionService:
-    """Serves /process, /tokenize and /decode on one engine. Not thread-safe: callers serialise."""
+Generate = Callable[[list[int], SamplingParams, StopCheck, Ticket], Generation]
 
-    def __init__(self, engine: Engine, settings: GenerationSettings) -> None:
+
+class CompletionService:
+    """Serves /process, /tokenize and /decode on one engine.
+
+    `generate` runs the model: by default the engine's own batch-1 `generate` (callers serialise);
+    with batching, `Batcher.submit`, which is safe from any thread (the engine's tokenizer is locked).
+    """
+
+    def __init__(self, engine: Engine, settings: GenerationSettings, generate: Generate | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self._generate = generate or (lambda ids, params, should_stop, _ticket: engine.generate(ids, params, should_stop))
 
     def process(self, req: ProcessRequest, ticket: Ticket | None = None) -> Outcome:
         """`ticket` stops generation at its deadline (a shorter answer) or on cancellation (`Cancelled`)."""
@@ -117,7 +126,7 @@ class CompletionService:
         if params.max_new_tokens == 0 and not params.echo_prompt:
             gen = Generation(prompt=[], completion=[], finish_reason="length")
         else:
-            gen = self.engine.generate(fitted, params, lambda ids: ticket.should_stop() or stops(ids))
+            gen = self._generate(fitted, params, lambda ids: ticket.should_stop() or stops(ids), ticket)
         if ticket.cancelled.is_set():
             raise Cancelled(f"the client disconnected; stopped after {len(gen.completion)} new tokens")
         completion_ids = [t.token_id for t in gen.completion]

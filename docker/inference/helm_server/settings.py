@@ -17,6 +17,7 @@ from typing import Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SERVE_CONFIG_FILE = "serve_config.json"
+MAX_BATCH = 16  # rows of a batch; HELM sends up to 4 requests at once
 
 
 class _Strict(BaseModel):
@@ -105,6 +106,16 @@ class ServerSettings(_Strict):
     max_queue: int = Field(default=16, ge=0, description="requests that may wait for the model; more are answered 503")
     request_timeout_s: float = Field(default=120.0, gt=0, description="from arrival: past it generation stops and the "
                                      "request is answered with what was generated (503 if it never reached the model)")
+    max_batch: int = Field(default=1, description="requests decoded together (continuous batching); 1: one at a time. "
+                           f"The static engine keeps a KV cache slot per row (memory x max_batch); 1 to {MAX_BATCH}")
+
+    @field_validator("max_batch")
+    @classmethod
+    def _batch_in_range(cls, value: int) -> int:
+        if not 1 <= value <= MAX_BATCH:
+            raise ValueError(f"max_batch {value} is outside 1..{MAX_BATCH}: 1 decodes one request at a time; HELM "
+                             f"sends up to 4 at once, and each row costs a whole context of KV cache on the static engine")
+        return value
 
 
 class Weights(_Strict):

@@ -16,21 +16,25 @@ is cached).
 
 Read top to bottom: `forward` (one pass over cached positions), `Steps` (its fixed
 shapes, captured as CUDA graphs), `prefill`, `decode_one_token`, then `StaticEngine.generate`.
+
+Batching (`[server] max_batch` > 1): the cache holds a slot per batch row (`Slots`), each slot keeps
+its own previous request for prefix reuse, and `forward_rows`/`BatchSteps` run one decode step for
+every slot at once; a request alone in the batch still takes its slot's batch-1 step.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .engine import Generation, SamplingParams, ScoredToken, StopCheck
-from .hf_engine import (HFEngine, Tokenizing, _generator, _to_host, checked_eos, decode_loop, load_model, load_tokenizer,
-                        pick_device, score)
+from .hf_engine import (Decoding, HFEngine, Row, Tokenizing, _generator, _to_host, checked_eos, load_model,
+                        load_tokenizer, pick_device, score)
 from .settings import ServeConfig
 
 log = logging.getLogger("helm_server.engine")
@@ -81,15 +85,28 @@ class Weights:
 
 
 class Cache:
-    """Keys and values of every layer, and the final hidden state, for `length` positions."""
+    """Keys and values of every layer, and the final hidden state, for `length` positions: one slot."""
 
-    def __init__(self, w: Weights, length: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (1, w.kv_heads, length, w.head_dim)
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], hidden: torch.Tensor) -> None:
+        self.keys, self.values, self.hidden = keys, values, hidden  # keys[layer]: [1, kv_heads, length, head_dim]
+        self.length = hidden.shape[0]
+        self.tokens: list[int] = []  # tokens whose keys, values and hidden states are valid, from position 0
+
+
+class Slots:
+    """The static cache of `rows` slots, one per batch row, allocated once: [rows, kv_heads, length, head_dim]
+    per layer. Each slot is a `Cache` over views of its row, so a batch-1 step and a batched step write
+    the same memory; with one row this is exactly one slot's cache."""
+
+    def __init__(self, w: Weights, rows: int, length: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        shape = (rows, w.kv_heads, length, w.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in w.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in w.layers]
-        self.hidden = torch.zeros(length, hidden, dtype=dtype, device=device)
+        self.hidden = torch.zeros(rows, length, hidden, dtype=dtype, device=device)
         self.length = length
-        self.tokens: list[int] = []  # tokens whose keys, values and hidden states are valid, from position 0
+        self.caches = [Cache([k[r : r + 1] for k in self.keys], [v[r : r + 1] for v in self.values], self.hidden[r])
+                       for r in range(rows)]
 
 
 def unwrap(model) -> torch.nn.Module:
@@ -210,6 +227,31 @@ def forward(w: Weights, cache: Cache, rope: tuple[torch.Tensor, torch.Tensor], i
     return hidden
 
 
+def forward_rows(w: Weights, slots: Slots, rope: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor,
+                 positions: torch.Tensor, keys: int) -> torch.Tensor:
+    """One token per slot: row r's `ids[r]` at `positions[r]` of slot r, attending to that slot's first
+    `keys` positions at or before it. `forward` for a batch of one-token rows; returns [rows, hidden]."""
+    rows = ids.shape[0]
+    cos, sin = rope[0][positions][:, None, None], rope[1][positions][:, None, None]
+    mask = (torch.arange(keys, device=ids.device)[None, :] <= positions[:, None])[:, None, None, :]
+    every = torch.arange(rows, device=ids.device)
+    x = w.embed(ids)[:, None]
+    for layer, k_cache, v_cache in zip(w.layers, slots.keys, slots.values):
+        h = rms_norm(x, layer.attn_norm)
+        qkv = layer.qkv(h).view(rows, 1, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
+        qk = rotate(qkv[:, : w.heads + w.kv_heads], cos, sin)
+        q, k, v = qk[:, : w.heads], qk[:, w.heads :], qkv[:, w.heads + w.kv_heads :]
+        k_cache[every, :, positions] = k[:, :, 0]
+        v_cache[every, :, positions] = v[:, :, 0]
+        a = F.scaled_dot_product_attention(q, k_cache[:, :, :keys], v_cache[:, :, :keys], attn_mask=mask,
+                                           scale=w.scaling, enable_gqa=w.kv_heads != w.heads)
+        x = x + layer.o(a.transpose(1, 2).reshape(rows, 1, w.heads * w.head_dim))
+        x = x + layer.mlp(rms_norm(x, layer.mlp_norm))
+    hidden = rms_norm(x, w.norm)[:, 0]
+    slots.hidden[every, positions] = hidden
+    return hidden
+
+
 def shared_prefix(cached: list[int], prompt: list[int]) -> int:
     n = 0
     for a, b in zip(cached, prompt):
@@ -299,6 +341,61 @@ class Steps:
         self._replay_or_run(size, next(b for b in self.buckets if b >= begin + size))
 
 
+class BatchSteps:
+    """The decode step of every slot at once (`forward_rows`), for two or more running rows.
+
+    Its shape is fixed (every slot is a row; a slot without a running request feeds a dummy token at a
+    position no cached token claims), so on CUDA it is captured once per cache bucket like `Steps`.
+    The bucket follows the running rows' positions only: a dummy row may write past it, never read.
+    """
+
+    def __init__(self, w: Weights, slots: Slots, rope, graphs: bool) -> None:
+        self.w, self.slots, self.rope = w, slots, rope
+        rows = len(slots.caches)
+        device = slots.hidden.device
+        self.ids = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.buckets = buckets(slots.length)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if graphs:
+            self._capture()
+
+    def _run(self, keys: int) -> torch.Tensor:
+        return self.w.lm_head(forward_rows(self.w, self.slots, self.rope, self.ids, self.positions, keys))
+
+    def _capture(self) -> None:
+        started = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for keys in self.buckets:
+                self._run(keys)
+        torch.cuda.current_stream().wait_stream(stream)
+        for keys in sorted(self.buckets, reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._run(keys)
+            self.graphs[keys] = (graph, out)
+        torch.cuda.synchronize()
+        for cache in self.slots.caches:
+            cache.tokens.clear()  # warm-up and capture wrote position 0 of every slot
+        log.info("static engine: %d batched decode graphs captured (%d rows, cache buckets %s) in %.1f s",
+                 len(self.graphs), len(self.slots.caches), self.buckets, time.perf_counter() - started)
+
+    def decode(self, ids: list[int], positions: list[int], top: int) -> torch.Tensor:
+        """Row r's token ids[r] in at positions[r]; every row's next logits out [rows, vocab].
+        `top` is the highest position a running row writes (it picks the cache bucket)."""
+        self.ids.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.positions.copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
+        keys = next(b for b in self.buckets if b > top)
+        if keys in self.graphs:
+            graph, out = self.graphs[keys]
+            graph.replay()
+            return out
+        return self._run(keys)
+
+
 def prefill(steps: Steps, cache: Cache, prompt: list[int], start: int) -> None:
     """Fill the cache for prompt[start:], a chunk at a time; `cache.tokens` stays true after each chunk."""
     del cache.tokens[start:]
@@ -328,22 +425,34 @@ def score_cached_prompt(w: Weights, cache: Cache, prompt: list[int], k: int) -> 
 
 
 class StaticEngine(Tokenizing):
-    """Batch-1 generation over a static cache of `context_length` positions."""
+    """Generation over a static cache of `context_length` positions per slot; `rows` slots for batching.
+
+    `generate` is batch 1 (today's path: the best slot for prefix reuse, its own steps). The batch
+    scheduler (`batching.py`) calls `open`, `feed` and `close`: with one running row `feed` is that
+    slot's batch-1 step, with more the batched step over every slot.
+    """
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device, context_length: int,
-                 graphs: bool | None = None, reuse: bool = True) -> None:
+                 graphs: bool | None = None, reuse: bool = True, rows: int = 1) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.reuse = reuse  # off only to measure what prefix reuse saves
         self.w = weights_of(model)
         self.vocab_size = int(unwrap(model).get_output_embeddings().weight.shape[0])
         self.eos_token_ids = checked_eos(eos_token_ids, self.vocab_size)
         self._eos = torch.tensor(sorted(self.eos_token_ids), device=device)
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, not {rows}")
         dtype = self.w.embed.weight.dtype
         hidden = self.w.embed.weight.shape[1]
-        self.cache = Cache(self.w, context_length, hidden, dtype, device)
+        self.slots = Slots(self.w, rows, context_length, hidden, dtype, device)
+        self.cache = self.slots.caches[0]
         self.rope = rope_tables(model, context_length, dtype, device)
+        graphs = device.type == "cuda" if graphs is None else graphs
         with torch.inference_mode():
-            self.steps = Steps(self.w, self.cache, self.rope, device.type == "cuda" if graphs is None else graphs)
+            self.slot_steps = [Steps(self.w, cache, self.rope, graphs) for cache in self.slots.caches]
+            self.batch_steps = BatchSteps(self.w, self.slots, self.rope, graphs) if rows > 1 else None
+        self.steps = self.slot_steps[0]
+        self.free = list(range(rows))  # slots no running request holds
         self.reused_tokens = 0  # prompt tokens served from the cache, for logs and benchmarks
 
     @classmethod
@@ -362,25 +471,75 @@ class StaticEngine(Tokenizing):
         if config.adapter is not None and not _quantized(model):
             log.info("static engine: merging the LoRA adapter into the %s weights", unwrap(model).dtype)
             model = model.merge_and_unload()
-        return cls(model, tokenizer, config.generation.eos_token_ids, device, config.generation.context_length)
+        return cls(model, tokenizer, config.generation.eos_token_ids, device, config.generation.context_length,
+                   rows=config.server.max_batch)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Generation:
-        context = prompt_ids or [min(self.eos_token_ids)]
-        if len(context) + params.max_new_tokens > self.cache.length:
-            raise ValueError(f"{len(context)} prompt tokens + {params.max_new_tokens} new tokens exceed the "
-                             f"static cache of {self.cache.length} positions")
-        reused = shared_prefix(self.cache.tokens, context) if self.reuse else 0
-        self.reused_tokens += reused
-        prefill(self.steps, self.cache, context, reused)
-        prompt_scored = (score_cached_prompt(self.w, self.cache, context, params.top_logprobs)
-                         if params.echo_prompt and prompt_ids else [])
-        next_logits = self.w.lm_head(self.cache.hidden[len(context) - 1])
+        row = self.open(prompt_ids, params, should_stop)
+        try:
+            steps, cache = self.slot_steps[row.state], self.slots.caches[row.state]
+            decoding = row.decoding
+            while (token := decoding.pick()) is not None:
+                decoding.next_logits = decode_one_token(steps, cache, token, decoding.chosen[-1])
+            return row.result()
+        finally:
+            self.close(row)
 
-        generated = decode_loop(next_logits, params, _generator(self.device, params.seed), self._eos,
-                                self.eos_token_ids, should_stop,
-                                lambda token, token_id: decode_one_token(self.steps, self.cache, token, token_id))
-        return replace(generated, prompt=prompt_scored)
+    @torch.inference_mode()
+    def open(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Row:
+        """Take the free slot whose cached tokens share the longest prefix with the prompt, prefill the rest."""
+        context = prompt_ids or [min(self.eos_token_ids)]
+        if len(context) + params.max_new_tokens > self.slots.length:
+            raise ValueError(f"{len(context)} prompt tokens + {params.max_new_tokens} new tokens exceed the "
+                             f"static cache of {self.slots.length} positions")
+        if not self.free:
+            raise RuntimeError(f"all {len(self.slots.caches)} cache slots are in use")
+        shared = {slot: shared_prefix(self.slots.caches[slot].tokens, context) if self.reuse else 0
+                  for slot in self.free}
+        slot = max(self.free, key=lambda s: shared[s])  # the first of the best: slot 0 at batch 1
+        cache, reused = self.slots.caches[slot], shared[slot]
+        self.free.remove(slot)
+        try:
+            self.reused_tokens += reused
+            prefill(self.slot_steps[slot], cache, context, reused)
+            prompt_scored = (score_cached_prompt(self.w, cache, context, params.top_logprobs)
+                             if params.echo_prompt and prompt_ids else [])
+            next_logits = self.w.lm_head(cache.hidden[len(context) - 1])
+        except BaseException:
+            self.free.append(slot)
+            raise
+        decoding = Decoding(next_logits, params, _generator(self.device, params.seed), self._eos, self.eos_token_ids,
+                            should_stop)
+        return Row(decoding, prompt_scored, slot)
+
+    @torch.inference_mode()
+    def feed(self, rows: list[Row], tokens: list[torch.Tensor]) -> None:
+        """One decode step for the running rows: one row alone takes its slot's batch-1 step."""
+        if len(rows) == 1:
+            row, token = rows[0], tokens[0]
+            row.decoding.next_logits = decode_one_token(self.slot_steps[row.state], self.slots.caches[row.state],
+                                                        token, row.decoding.chosen[-1])
+            return
+        caches = self.slots.caches
+        ids, positions = [0] * len(caches), [0] * len(caches)
+        for slot in self.free:  # a dummy token just past what the slot holds: no cached token is touched
+            tokens_held = caches[slot].tokens
+            if len(tokens_held) >= self.slots.length:
+                del tokens_held[self.slots.length - 1 :]
+            positions[slot] = len(tokens_held)
+        for row in rows:
+            ids[row.state], positions[row.state] = row.decoding.chosen[-1], len(caches[row.state].tokens)
+        top = max(positions[row.state] for row in rows)
+        logits = self.batch_steps.decode(ids, positions, top)
+        for row in rows:
+            caches[row.state].tokens.append(row.decoding.chosen[-1])
+            row.decoding.next_logits = logits[row.state]
+
+    def close(self, row: Row) -> None:
+        if row.state is not None and row.state not in self.free:
+            self.free.append(row.state)
+        row.state = None
 
 
 def _quantized(model) -> bool:

@@ -1,0 +1,277 @@
+"""Continuous batching (`[server] max_batch` > 1) against batch 1, on both engines, on the CPU.
+
+A concurrent mix through the scheduler (`helm_server.batching.Batcher`) gives every request what a
+batch-1 engine gives it alone: greedy tokens identical, logprobs within LOGPROB_TOLERANCE (a batched
+matmul may round differently from a batch-1 one), seeded sampled requests identical. A cancelled or
+timed-out request leaves the batch at the next step, and after a few hundred mixed requests every
+row is free and memory is where it was.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from helm_server.batching import Batcher, Busy
+from helm_server.deadline import Cancelled, Ticket, WaitedTooLong, unlimited
+from helm_server.engine import SamplingParams
+from helm_server.hf_engine import HFEngine
+from helm_server.static_engine import StaticEngine
+from packager.tiny_model import QWEN_EOS_ID
+
+CPU = torch.device("cpu")
+ROWS = 4
+LOGPROB_TOLERANCE = 1e-4  # float32 on the CPU; the batch-1 static engine matches the hf one to the same
+
+
+def never(ids):
+    return False
+
+
+def make_engine(kind: str, model, rows: int):
+    if kind == "hf":
+        return HFEngine(model, None, [QWEN_EOS_ID], CPU)
+    return StaticEngine(model, None, [QWEN_EOS_ID], CPU, 400, rows=rows)
+
+
+@pytest.fixture(scope="module", params=["hf", "static"])
+def pair(request, tiny_model):
+    """(batch-1 engine, batching engine) of one kind, sharing the model."""
+    return request.param, make_engine(request.param, tiny_model, 1), make_engine(request.param, tiny_model, ROWS)
+
+
+def assert_same(a, b):
+    assert [t.token_id for t in a.prompt + a.completion] == [t.token_id for t in b.prompt + b.completion]
+    assert a.finish_reason == b.finish_reason
+    for x, y in zip(a.prompt + a.completion, b.prompt + b.completion):
+        assert x.logprob == pytest.approx(y.logprob, abs=LOGPROB_TOLERANCE)
+        assert [i for i, _ in x.top] == [i for i, _ in y.top]
+        assert [v for _, v in x.top] == pytest.approx([v for _, v in y.top], abs=LOGPROB_TOLERANCE)
+
+
+def stop_after(n: int):
+    return lambda ids: len(ids) >= n
+
+
+def mixed_requests(seed: int, count: int, shared: list[int], lengths=(0, 1, 5, 12, 20)):
+    """HELM-like: a shared few-shot prefix or not, greedy or seeded sampling, echo, alternatives, stops."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        head = shared if rng.random() < 0.5 else []
+        prompt = head + [rng.randrange(200, 5000) for _ in range(rng.randrange(1, 40))]
+        sampled = rng.random() < 0.4
+        params = SamplingParams(max_new_tokens=rng.choice(lengths), temperature=0.8 if sampled else 0.0,
+                                top_k=rng.choice([0, 50]), top_p=rng.choice([1.0, 0.9]), seed=i if sampled else None,
+                                top_logprobs=rng.choice([1, 3]), echo_prompt=rng.random() < 0.3,
+                                min_new_tokens=rng.choice([0, 2]))
+        stop = rng.choice([None, 3, 7])
+        out.append((prompt, params, stop))
+    return out
+
+
+def run_concurrently(batcher: Batcher, jobs, stagger_s: float = 0.0):
+    """Submit every job from its own thread (as the HTTP layer does); results in job order."""
+    results: list = [None] * len(jobs)
+
+    def one(i: int) -> None:
+        prompt, params, stop = jobs[i]
+        try:
+            results[i] = batcher.submit(prompt, params, stop_after(stop) if stop else never, unlimited())
+        except Exception as e:  # noqa: BLE001 - returned and asserted on
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+        time.sleep(stagger_s)
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_a_concurrent_mix_gives_each_request_what_batch_1_gives_it(pair):
+    kind, alone, batching = pair
+    shared = [random.Random(1).randrange(200, 5000) for _ in range(60)]
+    jobs = mixed_requests(0, 16, shared)
+    expected = [alone.generate(p, params, stop_after(stop) if stop else never) for p, params, stop in jobs]
+    batcher = Batcher(batching, ROWS, max_queue=64)
+    try:
+        got = run_concurrently(batcher, jobs, stagger_s=0.002)  # rows join and leave at different steps
+    finally:
+        batcher.close()
+    for g, e in zip(got, expected):
+        assert not isinstance(g, Exception), g
+        assert_same(g, e)
+    assert batcher.widest >= 3, f"the mix never ran {batcher.widest} rows together"
+    if kind == "static":
+        assert sorted(batching.free) == list(range(ROWS)) and batching.reused_tokens > 0
+
+
+def test_seeded_sampling_is_the_same_alone_and_inside_any_batch(pair):
+    _, alone, batching = pair
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=0, seed=1234, top_logprobs=2)
+    prompt = list(range(300, 330))
+    reference = alone.generate(prompt, params, never)
+    batcher = Batcher(batching, ROWS, max_queue=16)
+    try:
+        for neighbours in (0, 1, 3):  # alone in the scheduler, then beside greedy and unseeded sampled rows
+            others = [(list(range(500 + 7 * n, 520 + 7 * n)),
+                       SamplingParams(max_new_tokens=16, temperature=[0.0, 1.0][n % 2]), None) for n in range(neighbours)]
+            got = run_concurrently(batcher, others + [(prompt, params, None)])
+            assert_same(got[-1], reference)
+    finally:
+        batcher.close()
+
+
+def long_params(n: int = 300) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, min_new_tokens=n)  # no end-of-text before n tokens
+
+
+def test_a_cancelled_or_timed_out_request_frees_its_row_at_the_next_step(pair):
+    kind, alone, batching = pair
+    batcher = Batcher(batching, 2, max_queue=4)
+    neighbour_prompt = list(range(700, 720))
+    expected = alone.generate(neighbour_prompt, SamplingParams(max_new_tokens=40, temperature=0.0), never)
+    try:
+        cancelled, expiring = Ticket(600), Ticket(0.3)
+        out: dict[str, object] = {}
+
+        def run(name, ticket, prompt, params):
+            try:
+                out[name] = batcher.submit(prompt, params, lambda ids: ticket.should_stop(), ticket)
+            except Exception as e:  # noqa: BLE001
+                out[name] = e
+
+        a = threading.Thread(target=run, args=("cancelled", cancelled, list(range(100, 120)), long_params()))
+        b = threading.Thread(target=run, args=("expiring", expiring, list(range(200, 220)), long_params()))
+        a.start(), b.start()
+        time.sleep(0.15)
+        cancelled.cancelled.set()
+        started = time.monotonic()
+        neighbour = batcher.submit(neighbour_prompt, SamplingParams(max_new_tokens=40, temperature=0.0), never,
+                                   unlimited())  # takes the freed row
+        a.join(30), b.join(30)
+        assert time.monotonic() - started < 10
+        assert out["cancelled"].finish_reason == "stop" and len(out["cancelled"].completion) < 300
+        assert out["expiring"].finish_reason == "stop" and len(out["expiring"].completion) < 300
+        assert_same(neighbour, expected)
+        assert batcher.running == [] and batcher.inside == 0
+        if kind == "static":
+            assert sorted(batching.free) == list(range(ROWS))
+    finally:
+        batcher.close()
+
+
+def test_the_queue_is_bounded_and_a_waiting_request_past_its_deadline_never_runs(pair):
+    _, _, batching = pair
+    batcher = Batcher(batching, 2, max_queue=1)
+    release = Ticket(600)
+    holders = [threading.Thread(target=batcher.submit, args=(list(range(100 + i, 120 + i)), long_params(),
+                                                             lambda ids: release.should_stop(), unlimited()))
+               for i in range(2)]
+    short = SamplingParams(max_new_tokens=2, temperature=0.0)
+    try:
+        for h in holders:
+            h.start()
+        deadline = time.monotonic() + 10
+        while len(batcher.running) < 2:
+            assert time.monotonic() < deadline, "the two long requests never ran together"
+            time.sleep(0.01)
+        with pytest.raises(WaitedTooLong, match="request_timeout_s"):  # waits behind a full batch, then expires
+            batcher.submit([5, 6, 7], short, never, Ticket(0.2))
+        gone = Ticket(600)
+        threading.Timer(0.1, gone.cancelled.set).start()
+        with pytest.raises(Cancelled):
+            batcher.submit([5, 6, 7], short, never, gone)
+        queued: list[Exception] = []
+        waiter = threading.Thread(target=lambda: queued.append(pytest.raises(WaitedTooLong, batcher.submit, [1, 2],
+                                                                             short, never, Ticket(1.0))))
+        waiter.start()
+        time.sleep(0.2)  # it takes the one place in the queue
+        with pytest.raises(Busy, match="server.max_queue"):
+            batcher.submit([5, 6, 7], short, never, unlimited())
+        waiter.join(10)
+        assert queued, "the queued request was not answered WaitedTooLong"
+    finally:
+        release.cancelled.set()
+        for h in holders:
+            h.join(30)
+        batcher.close()
+    assert batcher.inside == 0
+
+
+def _rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+SHORT = (0, 1, 4, 8)
+
+
+def test_memory_and_rows_are_unchanged_after_hundreds_of_mixed_concurrent_requests(tiny_model):
+    engine = make_engine("static", tiny_model, ROWS)
+    batcher = Batcher(engine, ROWS, max_queue=64)
+    shared = list(range(1000, 1040))
+    try:
+        run_concurrently(batcher, mixed_requests(100, 40, shared, SHORT))  # warm-up: the allocator settles
+        before = _rss_mib()
+        results = []
+        for rnd in range(5):
+            results += run_concurrently(batcher, mixed_requests(rnd, 50, shared, SHORT))
+        after = _rss_mib()
+    finally:
+        batcher.close()
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert len(results) == 250 and batcher.inside == 0 and sorted(engine.free) == list(range(ROWS))
+    assert after - before < 50, f"RSS grew {after - before:.0f} MiB over 250 requests"
+
+
+# --- through HTTP: the spec setting, and the server's answers batched against batch 1 ----------------
+
+
+def test_the_batch_cap_is_a_validated_spec_setting():
+    from pydantic import ValidationError
+
+    from helm_server.settings import ServerSettings
+
+    assert ServerSettings().max_batch == 1 and ServerSettings(max_batch=4).max_batch == 4
+    for bad in (0, -1, 17):
+        with pytest.raises(ValidationError, match=r"max_batch .* outside 1\.\.16"):
+            ServerSettings(max_batch=bad)
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_concurrent_http_requests_batched_match_batch_1(tiny_model_dir, engine):
+    from conftest import make_config, serving
+    from helm_server.app import create_app
+
+    prompts = ["The capital of France is ", "Once upon a time", "HELM evaluates language models ", "Élan, naïve café"]
+    bodies = [{"prompt": p, "temperature": t, "max_new_tokens": 10, "top_k_per_token": 3, "seed": 5,
+               "echo_prompt": e} for p in prompts for t, e in ((0.0, False), (0.9, True))]
+
+    def answers(url: str, parallel: bool):
+        import concurrent.futures
+
+        post = lambda b: requests.post(f"{url}/process", json=b, timeout=120).json()  # noqa: E731
+        if not parallel:
+            return [post(b) for b in bodies]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+            return list(pool.map(post, bodies))
+
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine}))) as url:
+        alone = answers(url, parallel=False)
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine, "max_batch": ROWS}))) as url:
+        batched = answers(url, parallel=True)
+        assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    for a, b in zip(alone, batched):
+        assert a["text"] == b["text"] and [t["text"] for t in a["tokens"]] == [t["text"] for t in b["tokens"]]
+        assert [t["logprob"] for t in a["tokens"]] == pytest.approx([t["logprob"] for t in b["tokens"]],
+                                                                    abs=LOGPROB_TOLERANCE)
