@@ -16,6 +16,7 @@ from pathlib import Path
 
 from packager.paths import SUBMISSIONS
 from packager.spec import SpecError, load_spec, spec_path
+from packager.staging import write_json
 
 from . import figures as figures_file
 from .layout import Layout
@@ -23,10 +24,6 @@ from .plan import DayPlan, Row, day_plan, hours_text
 from .runner import State, run_stage
 from .stages import Switches, plan_stages
 
-try:
-    from packager.staging import write_json
-except ImportError:  # before the move to packager
-    from ..staging import write_json
 
 
 class DayError(Exception):

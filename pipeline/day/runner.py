@@ -16,12 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from packager.staging import write_json
+
 from .stages import Stage, child_env
 
-try:  # moving to packager (issue: staging below the pipeline)
-    from packager.staging import write_json
-except ImportError:
-    from ..staging import write_json
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
