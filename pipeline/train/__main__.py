@@ -71,8 +71,9 @@ def pad_token_id(folder: Path, token: str, eos_ids: list[int]) -> int:
 
 
 def run_id(training, data_sha: str, base: Path) -> str:
-    """What a checkpoint must share to be resumed: recipe (without checkpoint cadence), data, base weights."""
-    recipe = training.model_dump(mode="json", exclude={"checkpoints", "data", "template", "humpback"})
+    """What a checkpoint must share to be resumed: recipe (without checkpoint cadence or the path that computes
+    its steps: both paths take the same steps), data, base weights."""
+    recipe = training.model_dump(mode="json", exclude={"checkpoints", "data", "template", "humpback", "path"})
     blob = json.dumps({"recipe": recipe, "data": data_sha, "base": weights_fingerprint(base)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
