@@ -16,6 +16,11 @@ In process on a GPU (the engines side by side, one model, one run):
 Against a running submission (`make helm-mix URL=http://127.0.0.1:8080`):
 
     python benchmarks/helm_mix.py --url http://127.0.0.1:8080
+    python benchmarks/helm_mix.py --url http://127.0.0.1:8080 --concurrency 4   # as HELM sends them
+
+`--concurrency N` keeps N requests in flight (HELM's client sends up to 4 at once; a server with
+`[server] max_batch` > 1 decodes them together). Each request is then counted for its share of the
+wall clock (its latency x wall / summed latencies), so the projection is of throughput.
 
 `reference` is the reference solution's server path, reimplemented: `generate(do_sample=True,
 top_k=200, temperature=max(T, 1e-3), output_scores=True)`, a per-token stopping check, then a
@@ -230,14 +235,33 @@ def reference_path(model, tokenizer) -> Serve:
 # --- measurements ---------------------------------------------------------------------------------
 
 
-def run_mix(serve: Serve, timed: list[Request]) -> dict[str, list[tuple[float, int, int]]]:
+def run_mix(serve: Serve, timed: list[Request], concurrency: int = 1) -> dict[str, list[tuple[float, int, int]]]:
     for scenario in dict.fromkeys(r.scenario for r in timed):  # warm-up, not timed: first use of each shape
         serve(next(r for r in timed if r.scenario == scenario))
     results: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    if concurrency > 1:
+        return run_concurrently(serve, timed, concurrency)
     for i, r in enumerate(timed):
         results[r.scenario].append(serve(r))
         print(f"\r  {i + 1}/{len(timed)} requests", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    return results
+
+
+def run_concurrently(serve: Serve, timed: list[Request], concurrency: int) -> dict[str, list[tuple[float, int, int]]]:
+    """`concurrency` requests in flight, in the mix's order; each counted for its share of the wall clock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        answers = list(pool.map(serve, timed))
+    wall = time.perf_counter() - started
+    share = wall / max(sum(s for s, _, _ in answers), 1e-9)
+    print(f"  {len(timed)} requests, {concurrency} in flight: {wall:.1f} s wall, {len(timed) / wall:.2f} requests/s, "
+          f"mean latency {statistics.fmean(s for s, _, _ in answers):.3f} s", file=sys.stderr)
+    results: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    for r, (seconds, prompt, new) in zip(timed, answers):
+        results[r.scenario].append((seconds * share, prompt, new))
     return results
 
 
@@ -318,7 +342,13 @@ def main() -> int:
     ap.add_argument("--emulate-4090", action="store_true", help="cap this process at 24 GiB of GPU memory")
     ap.add_argument("--profile", action="store_true", help="print the static engine's top CUDA kernels")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="with --url: requests in flight at once (HELM sends up to 4)")
     args = ap.parse_args()
+    if not 1 <= args.concurrency <= 64:
+        ap.error(f"--concurrency {args.concurrency}: give 1 to 64 (HELM sends up to 4 at once)")
+    if args.concurrency > 1 and not args.url:
+        ap.error("--concurrency applies to --url: in-process engines are timed one request at a time")
 
     if args.url and not re.match(r"https?://[^/\s]+", args.url):
         ap.error(f"--url {args.url!r}: give the server's base URL, e.g. http://127.0.0.1:8080")
@@ -330,7 +360,7 @@ def main() -> int:
     print(f"conf {args.conf.name}: {total_requests} requests in the whole mix; timing {len(timed)} "
           f"({args.runs} runs x {args.instances} instances per scenario)")
     if args.url:
-        results = run_mix(http_server(args.url.rstrip("/")), timed)
+        results = run_mix(http_server(args.url.rstrip("/")), timed, args.concurrency)
         report({"server": results}, totals, {"server": 0.0}, None)
         return 0
     return on_device(args, timed, totals)
