@@ -63,8 +63,10 @@ def api_schema(live):
 
 @pytest.mark.parametrize("path, mode", [(p, m) for p in ("/process", "/tokenize", "/decode") for m in ("positive", "negative")]
                          + [("/health", "positive")])  # /health takes nothing that could be invalid
-def test_no_request_the_schema_allows_or_forbids_reaches_a_5xx(api_schema, path, mode):
+def test_no_request_the_schema_allows_or_forbids_reaches_a_5xx(api_schema, path, mode, request):
     # schemathesis' own pytest plugin does not run under this pytest; its strategies and checks do.
+    if "batch4" in request.node.name and (path, mode) == ("/process", "positive"):
+        pytest.skip("the schema's valid /process bodies are fuzzed at batch 1 (70 s); batched: the HELM-shaped test")
     method = "get" if path == "/health" else "post"
     operation = api_schema[path][method]
     strategy = operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
