@@ -279,3 +279,15 @@ def test_concurrent_http_requests_batched_match_batch_1(tiny_model_dir, engine):
         assert a["text"] == b["text"] and [t["text"] for t in a["tokens"]] == [t["text"] for t in b["tokens"]]
         assert [t["logprob"] for t in a["tokens"]] == pytest.approx([t["logprob"] for t in b["tokens"]],
                                                                     abs=LOGPROB_TOLERANCE)
+
+
+def test_each_cache_slot_keeps_its_own_prefix_for_reuse(tiny_model):
+    """Two HELM runs interleaved (two few-shot prefixes): with two slots each keeps its run's prefix."""
+    rng = random.Random(3)
+    runs = [[rng.randrange(200, 5000) for _ in range(120)] for _ in range(2)]
+    prompts = [runs[i % 2] + [rng.randrange(200, 5000) for _ in range(10)] for i in range(8)]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, top_logprobs=2, echo_prompt=True)
+    one, two = make_engine("static", tiny_model, 1), make_engine("static", tiny_model, 2)
+    for prompt in prompts:
+        assert_same(two.generate(prompt, params, never), one.generate(prompt, params, never))
+    assert two.reused_tokens >= 6 * 120 and one.reused_tokens < 120  # one slot: each run evicts the other
