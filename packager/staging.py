@@ -60,3 +60,24 @@ def write_json(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+class StageRecord:
+    """A JSON file of one submission's stages, `{"submission": NAME, "stages": {stage: entry}}`, written whole
+    after each change (a Humpback manifest, a day's state); a file of another submission is refused."""
+
+    fresh: dict = {}  # a new stage's entry
+
+    def __init__(self, path: Path, submission: str):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        if self.data.get("submission") not in (None, submission):
+            raise ValueError(f"{path} belongs to {self.data['submission']!r}, not {submission!r}: pick another OUT")
+        self.data.setdefault("submission", submission)
+        self.data.setdefault("stages", {})
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].setdefault(name, json.loads(json.dumps(self.fresh)))
+
+    def save(self) -> None:
+        write_json(self.path, self.data)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager.staging import write_json
+from packager.staging import StageRecord
 
 from .stages import Stage, child_env
 
@@ -72,21 +72,10 @@ def run_stage(stage: Stage, log: Path, state: "State") -> Outcome:
     return Outcome(rc, time.monotonic() - started, got[0] if got else None)
 
 
-class State:
+class State(StageRecord):
     """build/day/NAME/state.json: every attempt of every stage (start, seconds here, exit status)."""
 
-    def __init__(self, path: Path, submission: str):
-        import json
-
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-        if self.data.get("submission") not in (None, submission):
-            raise ValueError(f"{path} belongs to {self.data['submission']!r}, not {submission!r}: pick another OUT")
-        self.data.setdefault("submission", submission)
-        self.data.setdefault("stages", {})
-
-    def stage(self, name: str) -> dict:
-        return self.data["stages"].setdefault(name, {"attempts": []})
+    fresh = {"attempts": []}
 
     def record(self, name: str, command: list[str], outcome: Outcome, status: str) -> None:
         entry = self.stage(name)
@@ -123,6 +112,3 @@ class State:
 
     def seconds(self, name: str) -> float:
         return sum(a["seconds"] for a in self.stage(name)["attempts"])
-
-    def save(self) -> None:
-        write_json(self.path, self.data)

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from packager.staging import write_json
+from packager.staging import StageRecord
 
 
 def digest(*parts: object) -> str:
@@ -55,19 +55,10 @@ def split(rows: list, size: int) -> list[list]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-class Manifest:
+class Manifest(StageRecord):
     """OUT/manifest.json: what each stage read and wrote."""
 
-    def __init__(self, path: Path, submission: str):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-        if self.data.get("submission") not in (None, submission):
-            raise ValueError(f"{path} belongs to {self.data['submission']!r}, not {submission!r}: pick another OUT")
-        self.data.setdefault("submission", submission)
-        self.data.setdefault("stages", {})
-
-    def stage(self, name: str) -> dict:
-        return self.data["stages"].setdefault(name, {"shards": {}})
+    fresh = {"shards": {}}
 
     def done(self, stage: str, index: int, inputs: str, path: Path) -> bool:
         entry = self.stage(stage)["shards"].get(str(index))
@@ -91,6 +82,3 @@ class Manifest:
             if int(path.stem.split("-")[1]) >= count:
                 path.unlink()
         self.save()
-
-    def save(self) -> None:
-        write_json(self.path, self.data)

@@ -32,12 +32,10 @@ how a step is computed:
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable
 
 import torch
 
-from .checkpoint import rng_state, set_rng_state
 from .plan import Probe
 
 IGNORE = -100
@@ -269,33 +267,27 @@ def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.devi
           groups: int = 1, eval_dequant: bool = True) -> Probe:
     """As `loop.probe` for this path: forward + backward on the fullest micro-batch of the longest examples (the
     memory peak), then `groups` accumulation groups of epoch 0's order (the rate); gradients discarded, RNG put back."""
-    from .loop import epoch_order
+    from .loop import epoch_order, measured
     from .loop import micro_batches as reference_micros
 
-    saved = rng_state()
-    model.train()
     longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     width = len(examples[longest[0]]["input_ids"])
     fullest = [[examples[i]] for i in longest[: max(1, micro_tokens // width)]]
     micros = reference_micros(epoch_order(len(examples), 0, schedule.seed), schedule.batch_size)
     acc = schedule.gradient_accumulation
     timed = [[[examples[i] for i in ids] for ids in micros[g * acc : (g + 1) * acc]] for g in range(groups)]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    with half_precision_lora(model, eval_dequant):
+
+    def peak() -> None:
         for batch in micro_batches(fullest, pad_id, device, micro_tokens):
             forward_backward(model, batch)
-        tokens, started = 0, time.perf_counter()
+
+    def rate() -> int:
+        tokens = 0
         for group in timed:
             for batch in micro_batches(group, pad_id, device, micro_tokens):
                 forward_backward(model, batch)
                 tokens += batch["tokens"]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    model.zero_grad(set_to_none=True)
-    set_rng_state(saved)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return Probe(name, tokens, seconds, peak, width)
+        return tokens
+
+    with half_precision_lora(model, eval_dequant):
+        return measured(model, device, peak, rate, width)

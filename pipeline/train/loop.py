@@ -147,27 +147,40 @@ def train(model, optimizer, scheduler, examples: list[dict], schedule, position:
     return position, None
 
 
-def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, timed: int = 3) -> Probe:
-    """Forward + backward on the longest example (the memory peak), then `timed` micro-batches of
-    epoch 0's order (the rate); gradients are discarded and every RNG put back, so training is unchanged."""
+def measured(model, device: torch.device, peak: Callable[[], None], timed: Callable[[], int], longest: int) -> Probe:
+    """A plan's probe: run `peak` (the memory peak's forward + backward), then time `timed` (it returns the tokens
+    it ran); gradients are discarded and every RNG put back, so training is unchanged."""
     saved = rng_state()
     model.train()
-    longest = max(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    order = micro_batches(epoch_order(len(examples), 0, schedule.seed), schedule.batch_size)[:timed]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    forward_backward(model, collate([examples[longest]], pad_id, device), 1.0)
-    tokens, started = 0, time.perf_counter()
-    for ids in order:
-        batch = collate([examples[i] for i in ids], pad_id, device)
-        forward_backward(model, batch, 1.0)
-        tokens += int(batch["attention_mask"].sum())
+    peak()
+    started = time.perf_counter()
+    tokens = timed()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     model.zero_grad(set_to_none=True)
     set_rng_state(saved)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return Probe(name, tokens, seconds, peak, len(examples[longest]["input_ids"]))
+    return Probe(name, tokens, seconds, peak_bytes, longest)
+
+
+def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, timed: int = 3) -> Probe:
+    """Forward + backward on the longest example (the memory peak), then `timed` micro-batches of
+    epoch 0's order (the rate)."""
+    longest = max(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    order = micro_batches(epoch_order(len(examples), 0, schedule.seed), schedule.batch_size)[:timed]
+
+    def rate() -> int:
+        tokens = 0
+        for ids in order:
+            batch = collate([examples[i] for i in ids], pad_id, device)
+            forward_backward(model, batch, 1.0)
+            tokens += int(batch["attention_mask"].sum())
+        return tokens
+
+    return measured(model, device, lambda: forward_backward(model, collate([examples[longest]], pad_id, device), 1.0),
+                    rate, len(examples[longest]["input_ids"]))
