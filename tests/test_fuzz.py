@@ -22,7 +22,7 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance,
 from conftest import ENGINES, make_config, serving
 
 CONTEXT = 256
-SERVERS = [(engine, 1) for engine in ENGINES] + [("static", 4)]
+SERVERS = [(engine, 1) for engine in ENGINES]  # batched servers: the soak, contract and hostile tests (CI time)
 
 
 @pytest.fixture(scope="module", params=SERVERS, ids=[f"{e}-batch{b}" for e, b in SERVERS])
