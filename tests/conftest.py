@@ -52,6 +52,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rater_gptq(tmp_path_factory) -> Path:
+    """The tiny rater (tests/tiny_world.py), trained and quantized once for the suite: the Humpback stage's base.
+    Tests copy it into their own world (`copy_rater`), so none can change another's."""
+    from tiny_world import save_rater_gptq
+
+    return save_rater_gptq(tmp_path_factory.mktemp("rater") / "rater-gptq")
+
+
+def copy_rater(rater: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(rater, dst))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, copy_rater
 from tiny_world import write_specs, write_world
 
 PASSAGES = 8  # two Humpback batches: the tiny rater gives some of them a 5
@@ -45,8 +45,9 @@ def _log_rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = write_world(tmp_path_factory.mktemp("day"), rater=True)
+def world(tmp_path_factory, rater_gptq) -> Path:
+    root = write_world(tmp_path_factory.mktemp("day"))
+    copy_rater(rater_gptq, root / "rater-gptq")
     spec = root / "submissions" / "submission-3" / "spec.toml"
     spec.write_text(re.sub(r"(?m)^epochs = \d+", "epochs = 1", spec.read_text()))  # one epoch: a day in a minute
     return root

@@ -19,22 +19,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, copy_rater
 from hub_fixtures import RATED_SEED_REPO, save_c4
 from pipeline.data import __main__ as data
 from pipeline.humpback import __main__ as humpback
 from pipeline.humpback import curate
 from pipeline.humpback.rate import parse_score, verdict
 from pipeline.humpback.shards import file_sha256
-from tiny_world import save_rater_gptq, write_world
+from tiny_world import write_world
 
 PASSAGES = 24  # the tiny world's spec: shards of 8, batches of 4
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, rater_gptq):
     root = write_world(tmp_path_factory.mktemp("humpback"))
-    save_rater_gptq(root / "rater")
+    copy_rater(rater_gptq, root / "rater")
     return root
 
 
