@@ -93,6 +93,20 @@ def make_config(model_dir: Path, server: dict | None = None, **generation):
 ENGINES = ("hf", "static")
 
 
+# Each engine one request at a time (the default) and batched (`[server] max_batch`, continuous batching).
+SERVERS = [(engine, batch) for batch in (1, 4) for engine in ENGINES]
+
+
+@pytest.fixture(scope="module", params=SERVERS, ids=[f"{e}-batch{b}" for e, b in SERVERS])
+def every_server_url(request, tiny_model_dir) -> Iterator[str]:
+    """A server per engine and batch setting: modules that check every one name it `base_url` (see their top)."""
+    from helm_server.app import create_app
+
+    engine, batch = request.param
+    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine, "max_batch": batch}))) as url:
+        yield url
+
+
 @pytest.fixture(scope="session", params=ENGINES)
 def base_url(request, tiny_model_dir) -> Iterator[str]:
     from helm_server.app import create_app

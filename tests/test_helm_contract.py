@@ -14,22 +14,14 @@ import pytest
 import requests
 import torch
 
-from conftest import ENGINES, make_config, serving
 from helm_requests import completion, decoding, tokenization
 from packager.tiny_model import QWEN_EOS_ID
 
 PROMPT = "The capital of France is "
-# Each engine one request at a time (the default) and batched (`[server] max_batch`, continuous batching).
-SERVERS = [(engine, batch) for batch in (1, 4) for engine in ENGINES]
-
-
-@pytest.fixture(scope="module", params=SERVERS, ids=[f"{e}-batch{b}" for e, b in SERVERS])
-def base_url(request, tiny_model_dir):
-    from helm_server.app import create_app
-
-    engine, batch = request.param
-    with serving(create_app(make_config(tiny_model_dir, server={"engine": engine, "max_batch": batch}))) as url:
-        yield url
+@pytest.fixture(scope="module")
+def base_url(every_server_url):
+    """Every engine, one request at a time and batched (conftest's SERVERS)."""
+    return every_server_url
 
 
 def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
