@@ -76,6 +76,43 @@ def test_a_rating_ends_at_its_first_exact_verdict_line():
     assert verdict("no verdict at all\n") == "no verdict at all"
 
 
+# --- generation through the serving engine ------------------------------------------------
+
+
+def test_engine_generation_is_the_same_in_any_batch_and_in_order(rater_gptq):
+    """Greedy texts equal one row at a time; a seeded sampled prompt writes the same text beside any neighbours."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.humpback.generate import engine_for, generate, load, row_seed
+
+    device, tokenizer = torch.device("cpu"), AutoTokenizer.from_pretrained(rater_gptq)
+    model = load(rater_gptq, None, device, torch.float32)
+    texts = ["Passage one about rivers.\nANSWER: ", "A longer passage, with more words about mountains and lakes "
+             "and the weather of the north.\nQUESTION: ", "Short\nANSWER: ", "Fourth one\nQUESTION: ", "Fifth\nANSWER: "]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    seeds = [row_seed(7, 0, i) for i in range(len(prompts))]
+    ended = []
+
+    def run(rows: int, **kw) -> list[str]:
+        engine = engine_for(model, tokenizer, device, [151643], rows, 256)
+        return generate(engine, prompts, seeds, stops=["\nQUESTION:"], max_new_tokens=10, **kw)
+
+    alone = run(1)
+    assert run(3, done=ended.append) == alone and sorted(ended) == list(range(len(prompts)))
+    assert any(alone) and all("\nQUESTION:" not in t for t in alone)
+    sampled = run(1, temperature=0.7, top_p=0.9)
+    assert run(4, temperature=0.7, top_p=0.9) == sampled
+    assert len(set(row_seed(7, s, i) for s in range(3) for i in range(300))) == 900
+
+
+def test_a_prompt_fits_with_its_new_tokens():
+    from pipeline.humpback.generate import fits, slot_length
+
+    assert fits([0] * 2000, 48, 2048) and not fits([0] * 2000, 49, 2048)
+    assert slot_length(300, 2048) == 512 and slot_length(2040, 2048) == 2048
+
+
 # --- the run, end to end ---------------------------------------------------------------
 
 
@@ -140,6 +177,35 @@ def test_a_run_killed_during_generation_resumes_and_loses_at_most_one_shard(worl
     for stage in ("generated", "scored-1"):  # and the result is the uninterrupted run's, byte for byte
         for shard in (straight / stage).iterdir():
             assert file_sha256(out / stage / shard.name) == file_sha256(shard)
+
+
+def test_prompts_past_the_context_are_left_out_and_counted(world, straight, tmp_path, monkeypatch):
+    from pipeline.humpback import generate as hb_generate
+
+    asked = []  # (prompt tokens, new tokens) of every prompt, as the stages check them
+    monkeypatch.setattr(humpback, "fits", lambda p, n, c: asked.append((len(p), n)) or hb_generate.fits(p, n, c))
+    out = tmp_path / "hb"
+    shutil.copytree(straight, out)
+    assert humpback.main(_args(world, out)) == 0  # everything reused; the checks still see every prompt
+    rating = [p + n for p, n in asked if n == 16]  # the tiny spec's rating max_new_tokens
+    backward = [p + n for p, n in asked if n == 12]
+    assert len(rating) == len(backward) == PASSAGES
+    context = sorted(rating)[PASSAGES // 2]  # about half the rating prompts fit, every backward prompt does
+    assert max(backward) <= context
+    submissions = tmp_path / "submissions"
+    shutil.copytree(world / "submissions", submissions)
+    spec = submissions / "submission-3" / "spec.toml"
+    spec.write_text(spec.read_text().replace("context_length = 2048", f"context_length = {context}"))
+    args = _args(world, out)
+    args[args.index("--submissions") + 1] = str(submissions)
+    assert humpback.main(args) == 0
+    m = _manifest(out)["stages"]
+    too_long = sum(r > context for r in rating)
+    assert m["generated"]["too_long"] == 0 and m["scored-1"]["too_long"] == too_long > 0
+    assert sum(s["too_long"] for s in m["scored-1"]["shards"].values()) == too_long
+    assert sum(s["rows"] for s in m["scored-1"]["shards"].values()) == PASSAGES - too_long
+    assert sum(m["scored-1"]["histogram"].values()) == PASSAGES - too_long
+    assert m["scored-1"]["engine"]["positions"] <= context
 
 
 def test_make_data_3_reads_the_curated_pairs_with_the_web_search_tag(world, straight, tmp_path):

@@ -18,12 +18,13 @@ from packager.spec import SpecError, rating_prompt
 
 from ..cli import add_run_switches, check_local_inputs, run_stage, spec_with, stage_parser
 from ..hub import SourceError, model_folder, weights_fingerprint
-from ..train.__main__ import Options, TrainError, pad_token_id, train_adapter
+from ..train.__main__ import Options, TrainError, train_adapter
 from ..train.checkpoint import CheckpointError
 from ..train.model import ModelError, weight_bytes
 from ..train.plan import BudgetError, cards
 from . import curate, rate, seed
-from .generate import encode, generate, load, release, stop_of
+from .generate import (DoesNotFit, encode, engine_for, fits, generate, load, release, row_seed, rows_that_fit,
+                       slot_length, stop_of)
 from .passages import PassageError, c4_files, select
 from .plan import HumpbackPlan, Timed, project_stage
 from .shards import Manifest, digest, file_sha256, folder_sha256, read_rows, shard_path, split, write_rows
@@ -53,12 +54,12 @@ class Run:
         self.rating_text = rating_prompt(self.spec, Path(args.submissions) / args.name)
         self.out = args.out or HUMPBACK / self.spec.name
         self.count = args.passages or self.hb.passages
+        self.context = self.spec.generation.context_length  # a prompt and its new tokens must fit the model's window
         self.args = args
         self.manifest = Manifest(self.out / "manifest.json", self.spec.name)
         self.base = as_qwen2(model_folder(self.spec.artifact.repo_id, self.spec.artifact.revision, args.model),
                              self.out / "work")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
-        self.pad_id = pad_token_id(self.base, self.training.schedule.pad_token, self.spec.generation.eos_token_ids)
         self.device = pick_device(args.device)
         self.dtype = torch.float16 if self.spec.artifact.dtype == "auto" else getattr(torch, self.spec.artifact.dtype)
         self.forward_template = self.training.template.for_source("oasst1")
@@ -117,19 +118,37 @@ def passages(run: Run) -> list[list[dict]]:
 # --- 2. the plan: every stage projected onto one RTX 4090 before any starts -----------------
 
 
-def timed_batch(run: Run, model, stage: str, prompts: list[list[int]], max_new_tokens: int) -> Timed:
+def stage_engine(run: Run, model, stage: str, prompts: list[list[int]], max_new_tokens: int):
+    """The engine a stage decodes with: rows of the longest fitting prompt + its new tokens, as many as fit."""
+    longest = max((len(p) for p in prompts if fits(p, max_new_tokens, run.context)), default=1)
+    length = slot_length(longest + max_new_tokens, run.context)
+    return stage_engine_of(run, model, stage, length)
+
+
+def stage_engine_of(run: Run, model, stage: str, length: int):
+    rows = rows_that_fit(model, run.device, length, run.hb.batch_size)
+    print(f"{stage}: {rows} rows of {length} cache positions (batch_size {run.hb.batch_size})", flush=True)
+    return engine_for(model, run.tokenizer, run.device, run.spec.generation.eos_token_ids, rows, length)
+
+
+def timed_batch(run: Run, model, stage: str, prompts: list[list[int]], max_new_tokens: int, reserve: int = 0) -> Timed:
+    """One batch of the stage's engine, every row run to max_new_tokens (the worst case); `reserve` more
+    positions per row for text the prompts will hold (the rating's instruction)."""
     import torch
 
-    generate(model, run.tokenizer, prompts[:1], pad_id=run.pad_id, eos_ids=[], stops=[], max_new_tokens=2,
-             exact_length=True)  # warm-up: kernels, allocator
+    engine = stage_engine(run, model, stage, prompts, max_new_tokens + reserve)
+    batch = [p for p in prompts if fits(p, max_new_tokens + reserve, run.context)][: len(engine.slots.caches)]
+    generate(engine, batch[:1], [0], stops=[], max_new_tokens=2, exact_length=True)  # warm-up: kernels, allocator
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     started = time.perf_counter()
-    generate(model, run.tokenizer, prompts, pad_id=run.pad_id, eos_ids=[], stops=[], max_new_tokens=max_new_tokens,
-             exact_length=True)
+    generate(engine, batch, [0] * len(batch), stops=[], max_new_tokens=max_new_tokens, exact_length=True)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    return Timed(stage, len(prompts), time.perf_counter() - started, max_new_tokens, sum(map(len, prompts)))
+    seconds = time.perf_counter() - started
+    del engine
+    release()
+    return Timed(stage, len(batch), seconds, max_new_tokens, sum(map(len, batch)))
 
 
 def plan(run: Run, shards: list[list[dict]], forward: list[dict], backward: list[dict]) -> None:
@@ -149,14 +168,17 @@ def plan(run: Run, shards: list[list[dict]], forward: list[dict], backward: list
         if hb.iterations == 2:
             hours += projected.hours_4090  # M1 trains on the seed set and the curated pairs: at least M0's time
         model = load(run.base, None, run.device, run.dtype, fresh_lora=run.training.lora)
-        batch = shards[0][: hb.batch_size]
-        timed = [timed_batch(run, model, "generated", [run.backward_prompt(p["text"]) for p in batch],
+        every = [p for shard in shards for p in shard]
+        # The rating prompt's instruction is not written yet: the passage's first 200 characters stand in,
+        # and the instruction's whole budget of new tokens is added to the slot length.
+        timed = [timed_batch(run, model, "generated", [run.backward_prompt(p["text"]) for p in every],
                              hb.generate.max_new_tokens),
-                 timed_batch(run, model, "scored", [run.rating_prompt(p["text"][:200], p["text"]) for p in batch],
-                             hb.rating.max_new_tokens)]
+                 timed_batch(run, model, "scored", [run.rating_prompt(p["text"][:200], p["text"]) for p in every],
+                             hb.rating.max_new_tokens, reserve=hb.generate.max_new_tokens)]
         name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
         size = weight_bytes(model)
-        release(model)
+        del model
+        release()
         stages = [project_stage(t, run.count, name, size) for t in timed]
         if hb.iterations == 2:
             stages.append(project_stage(timed[1], run.count, name, size))
@@ -186,42 +208,55 @@ def trained(run: Run, rows: list[dict], folder: str) -> Path:
     return out / "adapter"
 
 
-# --- 4. batched generation, shard by shard ---------------------------------------------------
+# --- 4. generation through the serving engine, shard by shard ---------------------------------
 
 
 def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter: Path, make_prompt, to_row, *,
-            seed: int, template: object, **generation) -> list[list[dict]]:
+            seed: int, template: object, max_new_tokens: int, **sampling) -> list[list[dict]]:
     """Generate for every row of every input shard (stage `source`'s) whose output shard is not done yet.
 
-    A shard's identity: its input shard's hash, the adapter's files, the template, the sampling
-    settings, the seed and the batch size (padding changes what a batch generates)."""
+    A prompt that does not fit the model's context with its new tokens is left out of the output
+    shard and counted (`too_long`). A shard's identity: its input shard's hash, the adapter's files,
+    the template, the sampling settings, the seed, the batch cap and the cache slot length (the
+    shapes its steps ran at)."""
     from tqdm import tqdm
 
     folder = run.out / stage
     adapter_sha = folder_sha256(adapter)
-    wanted = [digest(stage, run.manifest.stage(source)["shards"][str(i)]["sha256"], adapter_sha, template, generation,
-                     seed, run.hb.batch_size) for i in range(len(inputs))]
+    prompts = [[make_prompt(r) for r in rows] for rows in inputs]
+    kept = [[j for j, p in enumerate(ps) if fits(p, max_new_tokens, run.context)] for ps in prompts]
+    longest = max((len(ps[j]) for ps, ks in zip(prompts, kept) for j in ks), default=1)
+    length = slot_length(longest + max_new_tokens, run.context)
+    wanted = [digest(stage, run.manifest.stage(source)["shards"][str(i)]["sha256"], adapter_sha, template, sampling,
+                     max_new_tokens, seed, run.hb.batch_size, length, "static-engine")
+              for i in range(len(inputs))]
     todo = [i for i in range(len(inputs)) if not run.manifest.done(stage, i, wanted[i], shard_path(folder, i))]
     run.manifest.forget_beyond(stage, folder, len(inputs))
+    too_long = sum(len(ps) - len(ks) for ps, ks in zip(prompts, kept))
     total = sum(map(len, inputs))
     if todo:
         model = load(run.base, adapter, run.device, run.dtype)
+        engine = stage_engine_of(run, model, stage, length)
         bar = tqdm(total=total, initial=total - sum(len(inputs[i]) for i in todo), unit="passage", desc=stage,
                    dynamic_ncols=True, file=sys.stderr)
         for i in todo:
-            started, rows = time.perf_counter(), []
-            for b, batch in enumerate(split(inputs[i], run.hb.batch_size)):
-                texts = generate(model, run.tokenizer, [make_prompt(r) for r in batch], pad_id=run.pad_id,
-                                 eos_ids=run.spec.generation.eos_token_ids, seed=seed * 1_000_003 + i * 1009 + b,
-                                 **generation)
-                rows += [to_row(r, t) for r, t in zip(batch, texts)]
-                bar.update(len(batch))
-            write_rows(shard_path(folder, i), rows)
-            run.manifest.record(stage, i, wanted[i], shard_path(folder, i), len(rows), time.perf_counter() - started)
+            started = time.perf_counter()
+            texts = generate(engine, [prompts[i][j] for j in kept[i]], [row_seed(seed, i, j) for j in kept[i]],
+                             max_new_tokens=max_new_tokens, done=lambda _: bar.update(1), **sampling)
+            bar.update(len(inputs[i]) - len(kept[i]))
+            write_rows(shard_path(folder, i), [to_row(inputs[i][j], t) for j, t in zip(kept[i], texts)])
+            run.manifest.record(stage, i, wanted[i], shard_path(folder, i), len(kept[i]), time.perf_counter() - started,
+                                too_long=len(inputs[i]) - len(kept[i]))
         bar.close()
-        release(model)
+        run.manifest.set(stage, engine={"rows": len(engine.slots.caches), "positions": length})
+        del engine, model
+        release()
     else:
         print(f"{stage}: {total} passages in {len(inputs)} shards (reused)", flush=True)
+    if too_long:
+        print(f"{stage}: {too_long} prompt(s) with their {max_new_tokens} new tokens do not fit the model's "
+              f"{run.context} positions: left out (too_long in {run.manifest.path})", flush=True)
+    run.manifest.set(stage, too_long=too_long)
     return [read_rows(shard_path(folder, i)) for i in range(len(inputs))]
 
 
@@ -239,7 +274,8 @@ def ratings(run: Run, stage: str, generated: list[list[dict]], rater: Path) -> l
                      lambda g, text: {"id": g["id"], "score": rate.parse_score(rate.verdict(text)), "rating": text},
                      seed=0, template=[run.rating_text, run.forward_template.model_dump()], temperature=0.0,
                      max_new_tokens=run.hb.rating.max_new_tokens, stops=stop_of(run.forward_template.prompt))
-    return [{**g, **s} for gs, ss in zip(generated, scored) for g, s in zip(gs, ss)]
+    verdicts = {s["id"]: s for ss in scored for s in ss}  # a pair whose rating prompt did not fit has none
+    return [{**g, **verdicts[g["id"]]} for gs in generated for g in gs if g["id"] in verdicts]
 
 
 # --- 5. the whole run ----------------------------------------------------------------------
@@ -294,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         check_local_inputs(args)
         return run_all(args)
 
-    return run_stage(body, (SpecError, SourceError, PassageError, HumpbackError, TrainError, ModelError, CheckpointError,
-                            BudgetError, ValueError),
+    return run_stage(body, (SpecError, SourceError, PassageError, HumpbackError, DoesNotFit, TrainError, ModelError,
+                            CheckpointError, BudgetError, ValueError),
                      "run it again to continue; finished shards and training checkpoints are kept")
 
 

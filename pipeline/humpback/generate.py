@@ -1,22 +1,42 @@
-"""Batched generation with a LoRA adapter on the quantized base: stages `generated` and `scored`.
+"""Humpback's generation through the serving engine: stages `generated` and `scored`.
 
-The serving engine answers one request at a time; here throughput matters, so prompts go through
-`generate` in left-padded batches. Prompts are tokenized piece by piece, exactly as the training
-examples were, so the models see the text they were trained on. Each batch reseeds the sampler
-from (seed, shard, batch): a resumed run writes the same shard an uninterrupted one would.
+Throughput is the point, and decoding is bound by reading the weights once per step, so every
+running prompt shares that read: the static engine (helm_server/static_engine.py: a KV-cache slot
+per row, the decode step of all rows as one CUDA graph, the LoRA unmerged as trained) runs up to
+`rows` prompts at once, and a prompt takes a row the step after another's ends (continuous
+batching). The loop is driven here, in one thread, in the prompts' order: which prompt runs in
+which row at which step depends only on the prompts, so a resumed shard is written byte for byte
+as before. Each prompt samples with its own seeded generator (`row_seed`): its text does not
+depend on its neighbours' sampling.
+
+Prompts are tokenized piece by piece, exactly as the training examples were, so the models see
+the text they were trained on; `fits` keeps out what the model's context cannot hold.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import torch
-from transformers import GenerationConfig
 
+from helm_server.engine import SamplingParams
 from helm_server.hf_engine import GPTQ_KERNELS
+from helm_server.static_engine import SMALLEST_BUCKET, StaticEngine, slot_bytes, unwrap
+from helm_server.stopping import StopMatcher
 
 from ..train.model import load_base
+
+# Memory kept free beside the cache slots on a GPU: the decode graphs' pools, one prefill chunk's
+# activations and the rows' logits (measured with benchmarks/humpback_shape.py on the 14B shape).
+HEADROOM_BYTES = 3 << 29  # 1.5 GiB
+
+
+class DoesNotFit(Exception):
+    """Not even one cache slot fits beside the model; the message names the levers."""
 
 
 def load(base: Path, adapter: Path | None, device: torch.device, dtype: torch.dtype, fresh_lora=None):
@@ -34,8 +54,8 @@ def load(base: Path, adapter: Path | None, device: torch.device, dtype: torch.dt
     return model.eval()
 
 
-def release(model) -> None:
-    del model
+def release() -> None:
+    """Give back what the caller just dropped (a model, an engine's cache and graphs) before the next loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -58,28 +78,87 @@ def cut(text: str, stops: list[str]) -> str:
     return (text[: min(ends)] if ends else text).strip()
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], *, pad_id: int, eos_ids: list[int], stops: list[str],
-             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             exact_length: bool = False) -> list[str]:
-    """One batch: the texts, each cut at the first stop. Greedy when temperature is 0.
+def fits(prompt: list[int], max_new_tokens: int, context: int) -> bool:
+    """The prompt and every token it may generate within the model's context (a dense 4,000-character
+    passage can overflow a rating prompt; its answer would be read from positions the model never learned)."""
+    return len(prompt) + max_new_tokens <= context
 
-    `exact_length` makes every sequence run to max_new_tokens (the budget probe's worst case).
+
+def row_seed(seed: int, shard: int, index: int) -> int:
+    """The sampling seed of one prompt: distinct for every (stage seed, shard, position), stable across runs."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{shard}/{index}".encode()).digest()[:7], "big")
+
+
+# --- the engine: rows that fit -------------------------------------------------------------
+
+
+def slot_length(longest: int, context: int) -> int:
+    """Cache positions per row: the longest prompt + its new tokens, rounded up to the engine's bucket size."""
+    return min(context, -(-longest // SMALLEST_BUCKET) * SMALLEST_BUCKET)
+
+
+def rows_that_fit(model, device: torch.device, length: int, wanted: int) -> int:
+    """At most `wanted` rows of `length` positions; on a GPU as many as its free memory holds (under the
+    4090 cap when one is set) beside HEADROOM_BYTES."""
+    if device.type != "cuda":
+        return wanted
+    per_row = slot_bytes(unwrap(model).config, length, unwrap(model).dtype.itemsize)
+    free, total = torch.cuda.mem_get_info(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total
+    available = min(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device),
+                    cap - torch.cuda.memory_allocated(device)) - HEADROOM_BYTES
+    rows = min(wanted, int(available // per_row))
+    if rows < 1:
+        raise DoesNotFit(f"one cache row of {length} positions ({per_row / 2**30:.2f} GiB) does not fit beside the "
+                         f"model ({available / 2**30:.2f} GiB free after {HEADROOM_BYTES / 2**30:.1f} GiB headroom): "
+                         "lower max_chars or the stage's max_new_tokens")
+    return rows
+
+
+def engine_for(model, tokenizer, device: torch.device, eos_ids: list[int], rows: int, length: int) -> StaticEngine:
+    """The serving engine over `rows` slots of `length` positions; prefill runs eagerly (a prompt is
+    prefilled once, a decode step is replayed hundreds of times)."""
+    return StaticEngine(model, tokenizer, eos_ids, device, length, rows=rows, prefill_graphs=False)
+
+
+# --- generation ----------------------------------------------------------------------------
+
+
+def generate(engine: StaticEngine, prompts: list[list[int]], seeds: list[int], *, stops: list[str],
+             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, exact_length: bool = False,
+             done: Callable[[int], None] = lambda index: None) -> list[str]:
+    """Every prompt's text, each cut at its first stop; greedy when temperature is 0.
+
+    Prompts enter free rows in order, between two decode steps (prefix reuse between them, none from
+    earlier calls); `done(i)` is called as prompt i ends.
+    `exact_length` runs every prompt to max_new_tokens (the plan's worst case).
     """
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    # A whole GenerationConfig, so nothing of the checkpoint's generation_config.json (a repetition
-    # penalty, a top-k) slips in: the paper's nucleus sampling has no top-k.
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if exact_length else 0,
-                              pad_token_id=pad_id, eos_token_id=None if exact_length else eos_ids,
-                              stop_strings=None if exact_length or not stops else stops, **sampling)
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                         tokenizer=tokenizer)
-    return [cut(t, stops) for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=top_p,
+                             min_new_tokens=max_new_tokens if exact_length else 0, seed=s) for s in seeds]
+    matcher = StopMatcher(lambda ids: engine.decode(ids, skip_special_tokens=True), [] if exact_length else stops)
+    engine.reset()  # a batch's texts depend on its prompts only, not on what the engine ran before
+    waiting, running = deque(range(len(prompts))), []
+    texts: list[str] = [""] * len(prompts)
+    try:
+        with torch.inference_mode():
+            while waiting or running:
+                while waiting and engine.free:
+                    i = waiting.popleft()
+                    running.append((i, engine.open(prompts[i], params[i], matcher)))
+                feeding, tokens = [], []
+                for i, row in running:
+                    token = row.decoding.pick()
+                    if token is None:
+                        texts[i] = cut(engine.decode(row.decoding.chosen, skip_special_tokens=True), stops)
+                        engine.close(row)
+                        done(i)
+                    else:
+                        feeding.append((i, row))
+                        tokens.append(token)
+                running = feeding
+                if feeding:
+                    engine.feed([row for _, row in feeding], tokens)
+    finally:
+        for _, row in running:
+            engine.close(row)
+    return texts

@@ -64,9 +64,9 @@ class Manifest(StageRecord):
         entry = self.stage(stage)["shards"].get(str(index))
         return bool(entry and entry["inputs"] == inputs and path.is_file() and file_sha256(path) == entry["sha256"])
 
-    def record(self, stage: str, index: int, inputs: str, path: Path, rows: int, seconds: float) -> None:
+    def record(self, stage: str, index: int, inputs: str, path: Path, rows: int, seconds: float, **counts) -> None:
         self.stage(stage)["shards"][str(index)] = {"inputs": inputs, "sha256": file_sha256(path), "rows": rows,
-                                                   "seconds": round(seconds, 2)}
+                                                   "seconds": round(seconds, 2), **counts}
         self.save()
 
     def set(self, stage: str, **fields) -> None:

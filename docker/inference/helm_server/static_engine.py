@@ -109,6 +109,13 @@ class Slots:
                        for r in range(rows)]
 
 
+def slot_bytes(config, length: int, itemsize: int) -> int:
+    """Memory of one `Slots` row: keys and values of every layer plus the final hidden states, `length` positions."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim + config.hidden_size
+    return per_position * length * itemsize
+
+
 def unwrap(model) -> torch.nn.Module:
     """The causal LM under a peft wrapper (LoRA layers are injected into it in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -280,8 +287,9 @@ class Steps:
     the CPU the same padded shapes run eagerly.
     """
 
-    def __init__(self, w: Weights, cache: Cache, rope, graphs: bool) -> None:
+    def __init__(self, w: Weights, cache: Cache, rope, graphs: bool, prefill_graphs: bool = True) -> None:
         self.w, self.cache, self.rope = w, cache, rope
+        self.prefill_graphs = prefill_graphs  # off: prefill chunks run eagerly (fewer graphs, less capture time)
         device = cache.hidden.device
         self.ids = torch.zeros(PREFILL_CHUNK, dtype=torch.long, device=device)
         self.positions = torch.zeros(PREFILL_CHUNK, dtype=torch.long, device=device)
@@ -295,7 +303,7 @@ class Steps:
         return self.w.lm_head(hidden)[0] if n == 1 else None
 
     def shapes(self) -> list[tuple[int, int]]:
-        tokens = [1] + [n for n in PREFILL_SIZES if n <= self.cache.length]
+        tokens = [1] + [n for n in PREFILL_SIZES if n <= self.cache.length and self.prefill_graphs]
         return [(n, keys) for n in tokens for keys in self.buckets if keys >= n]
 
     def _capture(self) -> None:
@@ -433,7 +441,7 @@ class StaticEngine(Tokenizing):
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device, context_length: int,
-                 graphs: bool | None = None, reuse: bool = True, rows: int = 1) -> None:
+                 graphs: bool | None = None, reuse: bool = True, rows: int = 1, prefill_graphs: bool = True) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.reuse = reuse  # off only to measure what prefix reuse saves
         self.w = weights_of(model)
@@ -449,7 +457,7 @@ class StaticEngine(Tokenizing):
         self.rope = rope_tables(model, context_length, dtype, device)
         graphs = device.type == "cuda" if graphs is None else graphs
         with torch.inference_mode():
-            self.slot_steps = [Steps(self.w, cache, self.rope, graphs) for cache in self.slots.caches]
+            self.slot_steps = [Steps(self.w, cache, self.rope, graphs, prefill_graphs) for cache in self.slots.caches]
             self.batch_steps = BatchSteps(self.w, self.slots, self.rope, graphs) if rows > 1 else None
         self.steps = self.slot_steps[0]
         self.free = list(range(rows))  # slots no running request holds
@@ -535,6 +543,13 @@ class StaticEngine(Tokenizing):
         for row in rows:
             caches[row.state].tokens.append(row.decoding.chosen[-1])
             row.decoding.next_logits = logits[row.state]
+
+    def reset(self) -> None:
+        """Forget every slot's cached tokens (no prefix reuse across the reset), all slots free in order:
+        what runs next computes exactly as on a fresh engine (Humpback's shards, resumed or not)."""
+        for cache in self.slots.caches:
+            cache.tokens.clear()
+        self.free = list(range(len(self.slots.caches)))
 
     def close(self, row: Row) -> None:
         if row.state is not None and row.state not in self.free:
