@@ -17,9 +17,12 @@ Against a running submission (`make helm-mix URL=http://127.0.0.1:8080`):
 
     python benchmarks/helm_mix.py --url http://127.0.0.1:8080
     python benchmarks/helm_mix.py --url http://127.0.0.1:8080 --concurrency 4   # as HELM sends them
+    python benchmarks/helm_mix.py --gptq DIR --engines static,static-batch4 --concurrency 4   # batched, in process
 
 `--concurrency N` keeps N requests in flight (HELM's client sends up to 4 at once; a server with
-`[server] max_batch` > 1 decodes them together). Each request is then counted for its share of the
+`[server] max_batch` > 1 decodes them together; in process, `static-batchN` is the static engine with
+N cache slots behind the server's batch scheduler, and the other engines still run one request at a
+time, so both sides of the comparison are in one run). Each request is then counted for its share of the
 wall clock (its latency x wall / summed latencies), so the projection is of throughput.
 
 `reference` is the reference solution's server path, reimplemented: `generate(do_sample=True,
@@ -173,13 +176,14 @@ def http_server(url: str) -> Serve:
     return serve
 
 
-def in_process(engine, settings) -> Serve:
-    """The server's own request path (CompletionService), without HTTP."""
+def in_process(engine, settings, batcher=None) -> Serve:
+    """The server's own request path (CompletionService), without HTTP; with a `batcher`, as the server
+    runs it with `[server] max_batch` > 1 (requests from any thread decode together)."""
     from helm_server.api import ProcessRequest
     from helm_server.deadline import unlimited
     from helm_server.service import CompletionService
 
-    service = CompletionService(engine, settings)
+    service = CompletionService(engine, settings, batcher.submit if batcher else None)
 
     def serve(r: Request) -> tuple[float, int, int]:
         req = ProcessRequest(prompt=r.prompt, max_new_tokens=r.max_new_tokens, temperature=r.temperature or 1e-7,
@@ -343,12 +347,13 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print the static engine's top CUDA kernels")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--concurrency", type=int, default=1,
-                    help="with --url: requests in flight at once (HELM sends up to 4)")
+                    help="with --url or the static-batchN engines: requests in flight at once (HELM sends up to 4)")
     args = ap.parse_args()
     if not 1 <= args.concurrency <= 64:
         ap.error(f"--concurrency {args.concurrency}: give 1 to 64 (HELM sends up to 4 at once)")
-    if args.concurrency > 1 and not args.url:
-        ap.error("--concurrency applies to --url: in-process engines are timed one request at a time")
+    if args.concurrency > 1 and not args.url and "static-batch" not in args.engines:
+        ap.error("--concurrency applies to --url or to the static-batchN engines: the others decode one request "
+                 "at a time (time them alone, beside a static-batchN in the same run)")
 
     if args.url and not re.match(r"https?://[^/\s]+", args.url):
         ap.error(f"--url {args.url!r}: give the server's base URL, e.g. http://127.0.0.1:8080")
@@ -368,6 +373,7 @@ def main() -> int:
 
 def on_device(args, timed, totals) -> int:
     import torch
+    from helm_server.batching import Batcher
     from helm_server.hf_engine import HFEngine
     from helm_server.settings import GenerationSettings
     from helm_server.static_engine import StaticEngine
@@ -414,6 +420,13 @@ def on_device(args, timed, totals) -> int:
             continue
         if engine_name == "hf":
             engine = HFEngine(model, tokenizer, [EOS], device)
+        elif engine_name.startswith("static-batch"):
+            rows = int(engine_name.removeprefix("static-batch"))
+            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows)
+            engines[engine_name] = engine
+            serves[engine_name] = in_process(engine, settings, Batcher(engine, rows, max_queue=64))
+            print(f"{engine_name}: ready in {time.perf_counter() - started:.1f} s (graph capture included)")
+            continue
         else:
             engine = engines.get("static") or StaticEngine(model, tokenizer, [EOS], device, args.context)
             engines.setdefault("static", engine)
@@ -429,7 +442,7 @@ def on_device(args, timed, totals) -> int:
         prompt_ids = tokenizer(words(512, random.Random(0)))["input_ids"][:512]
         kv_per_token = _kv_bytes_per_token(model)
         for engine_name in serves:
-            if engine_name == "static-noreuse":
+            if engine_name == "static-noreuse" or engine_name.startswith("static-batch"):
                 continue
             step = (reference_decode_rate(model, prompt_ids, 64) if engine_name == "reference"
                     else decode_rate(engines[engine_name], prompt_ids, 128))
@@ -439,6 +452,9 @@ def on_device(args, timed, totals) -> int:
                   f"{step_bytes / step / 1e9:7.0f} GB/s = {100 * step_bytes / step / gpu[0]:5.1f}% of the bandwidth bound")
         figures["decode_ms"] = {k: v * 1e3 for k, v in steps.items()}
     steps.setdefault("static-noreuse", steps.get("static", 0.0))
+    for engine_name in serves:
+        if engine_name.startswith("static-batch"):  # a batched step reads the weights once for every row
+            steps.setdefault(engine_name, steps.get("static", 0.0))
 
     results = {}
     for engine_name, serve in serves.items():
@@ -447,7 +463,8 @@ def on_device(args, timed, totals) -> int:
             torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() if cuda else 0
         print(f"mix on {engine_name}", file=sys.stderr)
-        results[engine_name] = run_mix(serve, timed)
+        batched = engine_name.startswith("static-batch")
+        results[engine_name] = run_mix(serve, timed, args.concurrency if batched else 1)
         if cuda:
             print(f"{engine_name}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
                   f"{(torch.cuda.memory_allocated() - before) / 2**20:+.1f} MiB after the mix")

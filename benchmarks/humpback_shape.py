@@ -1,12 +1,20 @@
-"""Humpback's generation stages on an 8-bit GPTQ random-weight model of a real layer shape.
+"""Humpback's generation stages on an 8-bit GPTQ random-weight model of a real layer shape: today's
+engine beside the stage's previous path, in one run.
 
 Builds (once, in --work) a Qwen2 GPTQ checkpoint of Qwen-14B's shape with random RTN-packed weights
-(benchmarks/train_shape.py's builder), puts a fresh LoRA of the spec's rank on it, and runs the
-Humpback stage's own `generate` over synthetic passages whose lengths are drawn uniformly within
-the spec's [min_chars, max_chars]: stage `generated` (backward prompts, nucleus sampling, the spec's
-max_new_tokens) and stage `scored` (rating prompts, greedy, its max_new_tokens). Every sequence
-runs to max_new_tokens (a random model never stops): the worst case. Prints passages/s per stage
-and batch size, the peak memory, and the projected RTX 4090 hours for the spec's passage count.
+(benchmarks/train_shape.py's builder), puts a fresh LoRA of the spec's rank on it (unmerged, as the
+stage uses it), and runs synthetic passages whose lengths are drawn uniformly within the spec's
+[min_chars, max_chars] through both paths:
+
+- `hf`: the previous stage's path, transformers' `generate` over left-padded batches of --hf-batch;
+- `engine`: the stage's own `generate` (pipeline/humpback/generate.py): the serving engine's static
+  cache, CUDA-graph decode steps and continuous batching, rows as many as fit (at most each of --rows).
+
+Stage `generated` (backward prompts, nucleus sampling, the spec's max_new_tokens) and stage `scored`
+(rating prompts, greedy, its max_new_tokens). Every sequence runs to max_new_tokens (a random model
+never stops): the worst case. Prints passages/s per stage and path, ms per decode step, the peak
+memory, the engine's speed-up, and the projected RTX 4090 hours for the spec's passage count (and
+how many passages the engine fits in the hours the previous path took).
 
     python benchmarks/humpback_shape.py --vocab qwen.tiktoken --work /tmp/hb14 --emulate-4090
     python benchmarks/humpback_shape.py --vocab qwen.tiktoken --work /tmp/hbt --shape tiny --device cpu --passages 8
@@ -30,7 +38,7 @@ from hub_fixtures import _WORDS  # noqa: E402
 from packager.spec import load_spec, rating_prompt  # noqa: E402
 from pipeline.device import emulate_4090  # noqa: E402
 from pipeline.humpback import rate, seed  # noqa: E402
-from pipeline.humpback.generate import encode, generate, load  # noqa: E402
+from pipeline.humpback.generate import encode, engine_for, generate, load, release, rows_that_fit, slot_length  # noqa: E402
 from pipeline.humpback.plan import Timed, project_stage  # noqa: E402
 from pipeline.train import plan  # noqa: E402
 from pipeline.train.model import weight_bytes  # noqa: E402
@@ -50,19 +58,56 @@ def passages(n: int, low: int, high: int, seed_: int = 0) -> list[str]:
     return out
 
 
-def run_stage(model, tokenizer, prompts: list[list[int]], batch: int, device, **kw) -> tuple[float, float]:
-    """(seconds, peak GiB) for all prompts in batches."""
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                seed_: int = 0) -> None:
+    """The previous stage's path: one left-padded batch through transformers' `generate`, run to max_new_tokens."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=PAD,
+                              eos_token_id=None, **sampling)
+    torch.manual_seed(seed_)
+    model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+
+
+def timed(device, work) -> tuple[float, float]:
+    """(seconds, peak GiB) of `work()`."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        generate(model, tokenizer, prompts[i : i + batch], pad_id=PAD, eos_ids=[], stops=[], exact_length=True,
-                 seed=i, **kw)
+    work()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) / (1 << 30) if device.type == "cuda" else 0.0
     return time.perf_counter() - started, peak
+
+
+def hf_stage(model, prompts, batch, device, **kw) -> tuple[float, float]:
+    return timed(device, lambda: [hf_generate(model, prompts[i : i + batch], seed_=i, **kw)
+                                  for i in range(0, len(prompts), batch)])
+
+
+def engine_stage(engine, prompts, device, **kw) -> tuple[float, float]:
+    return timed(device, lambda: generate(engine, prompts, list(range(len(prompts))), stops=[], exact_length=True, **kw))
+
+
+def profile_engine(engine, prompts, steps: int = 16) -> None:
+    """The engine's top CUDA kernels over `steps` decode steps of a full batch (prefill included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        generate(engine, prompts, list(range(len(prompts))), stops=[], max_new_tokens=steps, exact_length=True)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
 
 
 def main() -> int:
@@ -73,9 +118,11 @@ def main() -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen-14b")
     p.add_argument("--layers", type=int, help="decoder layers built (default: all of the shape's)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--passages", type=int, default=192, help="passages timed per stage at the main batch size")
-    p.add_argument("--batches", default="4,8,16", help="batch sizes: the first is timed on --passages, the rest on one "
-                   "batch of the longest passages each (memory)")
+    p.add_argument("--passages", type=int, default=64, help="passages timed per stage and path")
+    p.add_argument("--paths", default="hf,engine", help="hf (the previous stage's path), engine (today's)")
+    p.add_argument("--hf-batch", type=int, default=4, help="the hf path's batch (the previous spec's batch_size)")
+    p.add_argument("--rows", default="4,8,16", help="the engine's row caps (each lowered to what fits)")
+    p.add_argument("--profile", action="store_true", help="print the engine's top CUDA kernels")
     p.add_argument("--emulate-4090", action="store_true")
     args = p.parse_args()
 
@@ -115,38 +162,50 @@ def main() -> int:
     mean = {k: sum(map(len, v)) / len(v) for k, v in prompts.items()}
     print(f"prompts: {args.passages} passages of {hb.min_chars}..{hb.max_chars} characters; mean prompt tokens "
           f"generated {mean['generated']:.0f}, scored {mean['scored']:.0f}", flush=True)
-    generate(model, tokenizer, prompts["generated"][:1], pad_id=PAD, eos_ids=[], stops=[], max_new_tokens=2,
-             exact_length=True)  # warm-up
+    hf_stage(model, prompts["generated"][:1], 1, device, max_new_tokens=2)  # warm-up
 
-    sizes = [int(b) for b in args.batches.split(",")]
-    few = prompts["generated"][: sizes[0]]
-    for label, ctx in (("with LoRA", None), ("LoRA off", model.disable_adapter)):
-        if ctx is None:
-            seconds, _ = run_stage(model, tokenizer, few, sizes[0], device, max_new_tokens=64)
-        else:
-            with ctx():
-                seconds, _ = run_stage(model, tokenizer, few, sizes[0], device, max_new_tokens=64)
-        print(f"decode, batch {sizes[0]}, {label}: {seconds / 64 * 1e3:.1f} ms per step (64 steps, with prefill)", flush=True)
-    for b in sizes[1:]:  # memory at the longest prompts
+    results: dict[tuple[str, str], tuple[float, float, int, float]] = {}  # (path, stage) -> seconds, peak, rows, ms/step
+    if "hf" in args.paths:
+        b = args.hf_batch
         for stage in ("generated", "scored"):
-            longest = sorted(prompts[stage], key=len)[-b:]
             try:
-                seconds, peak = run_stage(model, tokenizer, longest, b, device, **settings[stage])
-                print(f"batch {b:>2} {stage:<9}: longest {len(longest[-1])} tokens: {b / seconds:.2f} passages/s, "
-                      f"peak {peak:.2f} GiB", flush=True)
+                seconds, peak = hf_stage(model, prompts[stage], b, device, **settings[stage])
             except torch.OutOfMemoryError:
-                print(f"batch {b:>2} {stage:<9}: out of memory at {len(longest[-1])} prompt tokens", flush=True)
+                print(f"hf     {stage:<9}: out of memory at batch {b}", flush=True)
                 torch.cuda.empty_cache()
-    b, total = sizes[0], 0.0
-    for stage in ("generated", "scored"):
-        seconds, peak = run_stage(model, tokenizer, prompts[stage], b, device, **settings[stage])
-        per = Timed(stage, b, seconds / -(-args.passages // b), settings[stage]["max_new_tokens"], 0)
+                continue
+            results[("hf", stage)] = (seconds, peak, b, seconds / -(-args.passages // b) / settings[stage]["max_new_tokens"] * 1e3)
+    if "engine" in args.paths:
+        for wanted in [int(r) for r in args.rows.split(",")]:
+            for stage in ("generated", "scored"):
+                n = settings[stage]["max_new_tokens"]
+                length = slot_length(max(map(len, prompts[stage])) + n, spec.generation.context_length)
+                rows = rows_that_fit(model, device, length, wanted)
+                engine = engine_for(model, tokenizer, device, spec.generation.eos_token_ids, rows, length)
+                engine_stage(engine, prompts[stage][:rows], device, max_new_tokens=2)  # warm-up
+                seconds, peak = engine_stage(engine, prompts[stage], device, **settings[stage])
+                results[(f"engine@{rows}", stage)] = (seconds, peak, rows, seconds / -(-args.passages // rows) / n * 1e3)
+                if args.profile and device.type == "cuda" and stage == "generated":
+                    profile_engine(engine, prompts[stage][:rows])
+                del engine
+                release()
+
+    total: dict[str, float] = {}
+    for (path, stage), (seconds, peak, rows, ms) in results.items():
+        per = Timed(stage, rows, seconds / -(-args.passages // rows), settings[stage]["max_new_tokens"], 0)
         projected = project_stage(per, hb.passages, name, size)
-        total += projected.hours_4090
-        print(f"batch {b:>2} {stage:<9}: {args.passages} passages in {seconds:.1f} s = {args.passages / seconds:.2f} "
-              f"passages/s, {per.seconds / per.new_tokens * 1e3:.0f} ms per batch step, peak {peak:.2f} GiB -> {hb.passages} passages: {projected.hours_here:.2f} h here, "
-              f"{projected.hours_4090:.2f} h on one RTX 4090 ({projected.how})", flush=True)
-    print(f"stages generated + scored for {hb.passages} passages: {total:.2f} h on one RTX 4090", flush=True)
+        total[path] = total.get(path, 0.0) + projected.hours_4090
+        old = results.get(("hf", stage))
+        speedup = f", {old[0] / seconds:.1f}x hf" if old and path != "hf" else ""
+        print(f"{path:<10} {stage:<9}: {args.passages} passages in {seconds:.1f} s = {args.passages / seconds:.2f} "
+              f"passages/s{speedup}, {rows} rows, {ms:.1f} ms per step, peak {peak:.2f} GiB -> {hb.passages} passages: "
+              f"{projected.hours_here:.2f} h here, {projected.hours_4090:.2f} h on one RTX 4090", flush=True)
+    for path, hours in total.items():
+        line = f"{path:<10} generated + scored, {hb.passages} passages: {hours:.2f} h on one RTX 4090"
+        if "hf" in total and path != "hf":
+            line += (f" ({total['hf'] / hours:.1f}x hf; the hf path's {total['hf']:.2f} h fit "
+                     f"{int(hb.passages * total['hf'] / hours)} passages)")
+        print(line, flush=True)
     return 0
 
 
