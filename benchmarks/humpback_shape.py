@@ -121,6 +121,7 @@ def main() -> int:
     p.add_argument("--passages", type=int, default=64, help="passages timed per stage and path")
     p.add_argument("--paths", default="hf,engine", help="hf (the previous stage's path), engine (today's)")
     p.add_argument("--hf-batch", type=int, default=4, help="the hf path's batch (the previous spec's batch_size)")
+    p.add_argument("--hf-passages", type=int, help="passages timed on the hf path (default --passages; it is slow)")
     p.add_argument("--rows", default="4,8,16", help="the engine's row caps (each lowered to what fits)")
     p.add_argument("--profile", action="store_true", help="print the engine's top CUDA kernels")
     p.add_argument("--emulate-4090", action="store_true")
@@ -164,18 +165,29 @@ def main() -> int:
           f"generated {mean['generated']:.0f}, scored {mean['scored']:.0f}", flush=True)
     hf_stage(model, prompts["generated"][:1], 1, device, max_new_tokens=2)  # warm-up
 
-    results: dict[tuple[str, str], tuple[float, float, int, float]] = {}  # (path, stage) -> seconds, peak, rows, ms/step
-    if "hf" in args.paths:
-        b = args.hf_batch
+    results: dict[tuple[str, str], tuple[float, float, int, float, int]] = {}  # (path, stage) -> seconds, peak, rows, ms/step, passages
+
+    def show(path: str, stage: str) -> None:
+        seconds, peak, rows, ms, n = results[(path, stage)]
+        old = results.get(("hf", stage))
+        speedup = f", {n / seconds / (old[4] / old[0]):.1f}x hf" if old and path != "hf" else ""
+        print(f"{path:<10} {stage:<9}: {n} passages in {seconds:.1f} s = {n / seconds:.2f} passages/s{speedup}, "
+              f"{rows} rows, {ms:.1f} ms per step, peak {peak:.2f} GiB", flush=True)
+
+    def hf_path() -> None:
+        b, few = args.hf_batch, args.hf_passages or args.passages
         for stage in ("generated", "scored"):
             try:
-                seconds, peak = hf_stage(model, prompts[stage], b, device, **settings[stage])
+                seconds, peak = hf_stage(model, prompts[stage][:few], b, device, **settings[stage])
             except torch.OutOfMemoryError:
                 print(f"hf     {stage:<9}: out of memory at batch {b}", flush=True)
                 torch.cuda.empty_cache()
                 continue
-            results[("hf", stage)] = (seconds, peak, b, seconds / -(-args.passages // b) / settings[stage]["max_new_tokens"] * 1e3)
-    if "engine" in args.paths:
+            ms = seconds / -(-few // b) / settings[stage]["max_new_tokens"] * 1e3
+            results[("hf", stage)] = (seconds, peak, b, ms, few)
+            show("hf", stage)
+
+    def engine_path() -> None:
         for wanted in [int(r) for r in args.rows.split(",")]:
             for stage in ("generated", "scored"):
                 n = settings[stage]["max_new_tokens"]
@@ -184,22 +196,27 @@ def main() -> int:
                 engine = engine_for(model, tokenizer, device, spec.generation.eos_token_ids, rows, length)
                 engine_stage(engine, prompts[stage][:rows], device, max_new_tokens=2)  # warm-up
                 seconds, peak = engine_stage(engine, prompts[stage], device, **settings[stage])
-                results[(f"engine@{rows}", stage)] = (seconds, peak, rows, seconds / -(-args.passages // rows) / n * 1e3)
-                if args.profile and device.type == "cuda" and stage == "generated":
+                ms = seconds / -(-args.passages // rows) / n * 1e3
+                results[(f"engine@{rows}", stage)] = (seconds, peak, rows, ms, args.passages)
+                show(f"engine@{rows}", stage)
+                if args.profile and device.type == "cuda" and stage == "generated" and wanted == max(
+                        int(r) for r in args.rows.split(",")):
                     profile_engine(engine, prompts[stage][:rows])
                 del engine
                 release()
 
+    for path in args.paths.split(","):  # in the order given: a failure in the second still prints the first
+        {"hf": hf_path, "engine": engine_path}[path]()
+
     total: dict[str, float] = {}
-    for (path, stage), (seconds, peak, rows, ms) in results.items():
-        per = Timed(stage, rows, seconds / -(-args.passages // rows), settings[stage]["max_new_tokens"], 0)
+    for (path, stage), (seconds, peak, rows, ms, n) in results.items():
+        per = Timed(stage, rows, seconds / -(-n // rows), settings[stage]["max_new_tokens"], 0)
         projected = project_stage(per, hb.passages, name, size)
         total[path] = total.get(path, 0.0) + projected.hours_4090
         old = results.get(("hf", stage))
-        speedup = f", {old[0] / seconds:.1f}x hf" if old and path != "hf" else ""
-        print(f"{path:<10} {stage:<9}: {args.passages} passages in {seconds:.1f} s = {args.passages / seconds:.2f} "
-              f"passages/s{speedup}, {rows} rows, {ms:.1f} ms per step, peak {peak:.2f} GiB -> {hb.passages} passages: "
-              f"{projected.hours_here:.2f} h here, {projected.hours_4090:.2f} h on one RTX 4090", flush=True)
+        speedup = f" ({n / seconds / (old[4] / old[0]):.1f}x hf's passages/s)" if old and path != "hf" else ""
+        print(f"{path:<10} {stage:<9}: {hb.passages} passages: {projected.hours_here:.2f} h here, "
+              f"{projected.hours_4090:.2f} h on one RTX 4090 ({projected.how}){speedup}", flush=True)
     for path, hours in total.items():
         line = f"{path:<10} generated + scored, {hb.passages} passages: {hours:.2f} h on one RTX 4090"
         if "hf" in total and path != "hf":

@@ -265,7 +265,8 @@ def humpback_estimate(spec: Spec, shape: ModelShape, figures: Figures, passages:
     weights = weight_bytes(shape.budget_shape, q.bits if q else 8, q.group_size if q else 128)
     for stage, new_tokens in (("generated", hb.generate.max_new_tokens), ("scored", hb.rating.max_new_tokens)):
         step, exact = f.step(stage, hb.batch_size)
-        timed = Timed(stage, hb.batch_size, step.ms_per_step / 1000 * new_tokens, new_tokens, 0)
+        # The rows the step was measured with: batch_size is the engine's cap, and fewer may fit.
+        timed = Timed(stage, min(step.batch, hb.batch_size), step.ms_per_step / 1000 * new_tokens, new_tokens, 0)
         stages.append(project_stage(timed, passages, f.device, int(weights)))
         if shape.source.startswith(f.model):  # measured on this shape; another model's peak says nothing
             peaks.append(step.peak_gib)
