@@ -165,7 +165,8 @@ def main() -> int:
           f"generated {mean['generated']:.0f}, scored {mean['scored']:.0f}", flush=True)
     hf_stage(model, prompts["generated"][:1], 1, device, max_new_tokens=2)  # warm-up
 
-    results: dict[tuple[str, str], tuple[float, float, int, float, int]] = {}  # (path, stage) -> seconds, peak, rows, ms/step, passages
+    # (path, stage) -> seconds, peak GiB, rows, ms per step, passages
+    results: dict[tuple[str, str], tuple[float, float, int, float, int]] = {}
 
     def show(path: str, stage: str) -> None:
         seconds, peak, rows, ms, n = results[(path, stage)]

@@ -254,7 +254,8 @@ class HumpbackStage(_Strict):
     max_chars: int = Field(default=4000, gt=0)
     seed_epochs: int = Field(default=1, gt=0, description="epochs of the backward and seed models (else as [training.schedule])")
     iterations: Literal[1, 2] = Field(default=1, description="2: re-rate with M1 (seed + the first curated set)")
-    batch_size: int = Field(default=4, gt=0, description="sequences generated together (8 overflows a 4090 rating long passages)")
+    batch_size: int = Field(default=4, gt=0,
+                            description="most prompts decoding together; fewer when the engine's cache rows do not fit")
     shard_size: int = Field(default=256, gt=0, description="passages per shard: a killed run loses at most one")
     generate: Sampling = Sampling()
     rating: Rating = Rating()
