@@ -208,6 +208,22 @@ def test_prompts_past_the_context_are_left_out_and_counted(world, straight, tmp_
     assert m["scored-1"]["engine"]["positions"] <= context
 
 
+def test_the_engine_rows_are_kept_on_resume_and_a_change_regenerates(world, straight, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hb"
+    shutil.copytree(straight, out)
+    assert _manifest(out)["stages"]["generated"]["engine"]["rows"] == 4  # the tiny spec's cap, all fit on a CPU
+    monkeypatch.setattr(humpback, "rows_that_fit", lambda model, device, length, wanted: min(wanted, 2))
+    for stage in ("generated", "scored-1"):
+        (out / stage / "shard-00001.jsonl").unlink()  # a lost shard: the stage must run, with fewer rows fitting
+    assert humpback.main(_args(world, out)) == 0
+    printed = capsys.readouterr().out
+    assert "generated: 4 rows ran before, 2 fit now: every shard is generated again" in printed
+    m = _manifest(out)["stages"]
+    assert m["generated"]["engine"]["rows"] == 2
+    assert {s["engine_rows"] for s in m["generated"]["shards"].values()} == {2}
+    assert sum(s["rows"] for s in m["generated"]["shards"].values()) == PASSAGES
+
+
 def test_make_data_3_reads_the_curated_pairs_with_the_web_search_tag(world, straight, tmp_path):
     out = tmp_path / "data"
     assert data.main(["submission-3", "--submissions", str(world / "submissions"), "--model", str(world / "rater"),

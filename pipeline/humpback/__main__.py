@@ -61,6 +61,10 @@ class Run:
                              self.out / "work")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)
         self.device = pick_device(args.device)
+        if args.emulate_4090 and self.device.type == "cuda":  # before any stage: rows are sized under the cap
+            from ..device import emulate_4090
+
+            emulate_4090(self.device, cards()["target"]["memory_gib"])
         self.dtype = torch.float16 if self.spec.artifact.dtype == "auto" else getattr(torch, self.spec.artifact.dtype)
         self.forward_template = self.training.template.for_source("oasst1")
         self.options = Options(budget=args.budget, device=args.device, emulate_4090=args.emulate_4090)
@@ -125,24 +129,36 @@ def stage_engine(run: Run, model, stage: str, prompts: list[list[int]], max_new_
     return stage_engine_of(run, model, stage, length)
 
 
-def stage_engine_of(run: Run, model, stage: str, length: int):
-    rows = rows_that_fit(model, run.device, length, run.hb.batch_size)
+def stage_engine_of(run: Run, model, stage: str, length: int, rows: int | None = None):
+    """The serving engine over `rows` slots (default: as many as fit, up to batch_size) of `length` positions."""
+    from helm_server.static_engine import UnsupportedModel
+
+    rows = rows or rows_that_fit(model, run.device, length, run.hb.batch_size)
     print(f"{stage}: {rows} rows of {length} cache positions (batch_size {run.hb.batch_size})", flush=True)
-    return engine_for(model, run.tokenizer, run.device, run.spec.generation.eos_token_ids, rows, length)
+    try:
+        return engine_for(model, run.tokenizer, run.device, run.spec.generation.eos_token_ids, rows, length)
+    except UnsupportedModel as e:
+        raise HumpbackError(f"Humpback generates with the static engine, which cannot run this base: {e.args[0]}") from e
 
 
-def timed_batch(run: Run, model, stage: str, prompts: list[list[int]], max_new_tokens: int, reserve: int = 0) -> Timed:
-    """One batch of the stage's engine, every row run to max_new_tokens (the worst case); `reserve` more
-    positions per row for text the prompts will hold (the rating's instruction)."""
+def timed_batch(run: Run, model, stage: str, prompts: list[list[int]], max_new_tokens: int, reserve: int = 0,
+                **sampling) -> Timed:
+    """One batch of the stage's engine with its sampling, every row run to max_new_tokens (the worst case);
+    `reserve` more positions per row for text the prompts will hold (the rating's instruction)."""
     import torch
 
+    fitting = [p for p in prompts if fits(p, max_new_tokens + reserve, run.context)]
+    if not fitting:
+        raise HumpbackError(f"{stage}: none of the {len(prompts)} prompts fits the model's {run.context} positions with "
+                            f"{max_new_tokens + reserve} new tokens: lower max_chars or the stage's max_new_tokens")
     engine = stage_engine(run, model, stage, prompts, max_new_tokens + reserve)
-    batch = [p for p in prompts if fits(p, max_new_tokens + reserve, run.context)][: len(engine.slots.caches)]
-    generate(engine, batch[:1], [0], stops=[], max_new_tokens=2, exact_length=True)  # warm-up: kernels, allocator
+    batch = fitting[: len(engine.slots.caches)]
+    generate(engine, batch[:1], [0], stops=[], max_new_tokens=2, exact_length=True, **sampling)  # warm-up
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     started = time.perf_counter()
-    generate(engine, batch, [0] * len(batch), stops=[], max_new_tokens=max_new_tokens, exact_length=True)
+    generate(engine, batch, list(range(len(batch))), stops=[], max_new_tokens=max_new_tokens, exact_length=True,
+             **sampling)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - started
@@ -156,7 +172,7 @@ def plan(run: Run, shards: list[list[dict]], forward: list[dict], backward: list
 
     hb = run.hb
     inputs = digest(hb.model_dump(), run.count, seed.rows_sha256(forward), seed.rows_sha256(backward),
-                    weights_fingerprint(run.base), str(run.device))
+                    weights_fingerprint(run.base), str(run.device), run.context, "static-engine")
     saved = run.manifest.stage("plan")
     if saved.get("inputs") != inputs:
         print("plan: measuring the seed models' training and one batch of each generation stage", flush=True)
@@ -169,11 +185,10 @@ def plan(run: Run, shards: list[list[dict]], forward: list[dict], backward: list
             hours += projected.hours_4090  # M1 trains on the seed set and the curated pairs: at least M0's time
         model = load(run.base, None, run.device, run.dtype, fresh_lora=run.training.lora)
         every = [p for shard in shards for p in shard]
-        # The rating prompt's instruction is not written yet: the passage's first 200 characters stand in,
-        # and the instruction's whole budget of new tokens is added to the slot length.
+        # The rating prompt's instruction is not written yet: its whole budget of new tokens is reserved.
         timed = [timed_batch(run, model, "generated", [run.backward_prompt(p["text"]) for p in every],
-                             hb.generate.max_new_tokens),
-                 timed_batch(run, model, "scored", [run.rating_prompt(p["text"][:200], p["text"]) for p in every],
+                             hb.generate.max_new_tokens, temperature=hb.generate.temperature, top_p=hb.generate.top_p),
+                 timed_batch(run, model, "scored", [run.rating_prompt("", p["text"]) for p in every],
                              hb.rating.max_new_tokens, reserve=hb.generate.max_new_tokens)]
         name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
         size = weight_bytes(model)
@@ -217,8 +232,10 @@ def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter
 
     A prompt that does not fit the model's context with its new tokens is left out of the output
     shard and counted (`too_long`). A shard's identity: its input shard's hash, the adapter's files,
-    the template, the sampling settings, the seed, the batch cap and the cache slot length (the
-    shapes its steps ran at)."""
+    the template, the sampling settings, the seed, and the engine's shape (rows and slot length: in
+    half precision a row's numbers depend on the step it shares). The rows are sized once, recorded
+    in the manifest and kept on later runs while they still fit, so a resumed stage runs as the
+    first run did."""
     from tqdm import tqdm
 
     folder = run.out / stage
@@ -227,16 +244,29 @@ def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter
     kept = [[j for j, p in enumerate(ps) if fits(p, max_new_tokens, run.context)] for ps in prompts]
     longest = max((len(ps[j]) for ps, ks in zip(prompts, kept) for j in ks), default=1)
     length = slot_length(longest + max_new_tokens, run.context)
-    wanted = [digest(stage, run.manifest.stage(source)["shards"][str(i)]["sha256"], adapter_sha, template, sampling,
-                     max_new_tokens, seed, run.hb.batch_size, length, "static-engine")
-              for i in range(len(inputs))]
-    todo = [i for i in range(len(inputs)) if not run.manifest.done(stage, i, wanted[i], shard_path(folder, i))]
+
+    def identities(rows: int | None) -> list[str | None]:
+        return [digest(stage, run.manifest.stage(source)["shards"][str(i)]["sha256"], adapter_sha, template, sampling,
+                       max_new_tokens, seed, rows, length, "static-engine") if rows else None
+                for i in range(len(inputs))]
+
+    shape = run.manifest.stage(stage).get("engine") or {}
+    pinned = shape.get("rows") if shape.get("positions") == length and shape.get("cap") == run.hb.batch_size else None
+    wanted = identities(pinned)
+    todo = [i for i in range(len(inputs)) if not (pinned and run.manifest.done(stage, i, wanted[i], shard_path(folder, i)))]
     run.manifest.forget_beyond(stage, folder, len(inputs))
     too_long = sum(len(ps) - len(ks) for ps, ks in zip(prompts, kept))
     total = sum(map(len, inputs))
     if todo:
+        release()  # what the seed models' training left behind: the rows are sized on free memory
         model = load(run.base, adapter, run.device, run.dtype)
-        engine = stage_engine_of(run, model, stage, length)
+        rows = rows_that_fit(model, run.device, length, pinned or run.hb.batch_size)
+        if pinned and rows < pinned:
+            print(f"{stage}: {pinned} rows ran before, {rows} fit now: every shard is generated again", flush=True)
+            todo = list(range(len(inputs)))
+        wanted = identities(rows)
+        run.manifest.set(stage, engine={"rows": rows, "positions": length, "cap": run.hb.batch_size})
+        engine = stage_engine_of(run, model, stage, length, rows)
         bar = tqdm(total=total, initial=total - sum(len(inputs[i]) for i in todo), unit="passage", desc=stage,
                    dynamic_ncols=True, file=sys.stderr)
         for i in todo:
@@ -246,9 +276,8 @@ def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter
             bar.update(len(inputs[i]) - len(kept[i]))
             write_rows(shard_path(folder, i), [to_row(inputs[i][j], t) for j, t in zip(kept[i], texts)])
             run.manifest.record(stage, i, wanted[i], shard_path(folder, i), len(kept[i]), time.perf_counter() - started,
-                                too_long=len(inputs[i]) - len(kept[i]))
+                                too_long=len(inputs[i]) - len(kept[i]), engine_rows=rows)
         bar.close()
-        run.manifest.set(stage, engine={"rows": len(engine.slots.caches), "positions": length})
         del engine, model
         release()
     else:

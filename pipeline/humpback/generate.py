@@ -104,10 +104,10 @@ def rows_that_fit(model, device: torch.device, length: int, wanted: int) -> int:
         return wanted
     per_row = slot_bytes(unwrap(model).config, length, unwrap(model).dtype.itemsize)
     index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.empty_cache()  # cached blocks are not counted as free: fragments may not hold a cache tensor
     free, total = torch.cuda.mem_get_info(index)
-    cap = torch.cuda.get_per_process_memory_fraction(index) * total
-    available = min(free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index),
-                    cap - torch.cuda.memory_allocated(index)) - HEADROOM_BYTES
+    cap = torch.cuda.get_per_process_memory_fraction(index) * total  # the allocator checks what it has reserved
+    available = min(free, cap - torch.cuda.memory_reserved(index)) - HEADROOM_BYTES
     rows = min(wanted, int(available // per_row))
     if rows < 1:
         raise DoesNotFit(f"one cache row of {length} positions ({per_row / 2**30:.2f} GiB) does not fit beside the "
