@@ -242,9 +242,9 @@ def reference_path(model, tokenizer) -> Serve:
 def run_mix(serve: Serve, timed: list[Request], concurrency: int = 1) -> dict[str, list[tuple[float, int, int]]]:
     for scenario in dict.fromkeys(r.scenario for r in timed):  # warm-up, not timed: first use of each shape
         serve(next(r for r in timed if r.scenario == scenario))
-    results: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
     if concurrency > 1:
         return run_concurrently(serve, timed, concurrency)
+    results: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
     for i, r in enumerate(timed):
         results[r.scenario].append(serve(r))
         print(f"\r  {i + 1}/{len(timed)} requests", end="", file=sys.stderr, flush=True)
@@ -329,6 +329,9 @@ def reference_decode_rate(model, prompt_ids: list[int], new: int) -> float:
     return (timed(1 + new) - timed(1)) / new
 
 
+ENGINES = ("reference", "hf", "static", "static-noreuse")  # and static-batchN
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running submission instead of in-process engines")
@@ -349,6 +352,10 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=1,
                     help="with --url or the static-batchN engines: requests in flight at once (HELM sends up to 4)")
     args = ap.parse_args()
+    for name in args.engines.split(","):
+        rows = name.removeprefix("static-batch")
+        if name not in ENGINES and not (rows != name and rows.isdigit() and 2 <= int(rows) <= 16):
+            ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)} or static-batchN (N cache slots, 2 to 16)")
     if not 1 <= args.concurrency <= 64:
         ap.error(f"--concurrency {args.concurrency}: give 1 to 64 (HELM sends up to 4 at once)")
     if args.concurrency > 1 and not args.url and "static-batch" not in args.engines:

@@ -38,7 +38,7 @@ from hub_fixtures import _WORDS  # noqa: E402
 from packager.spec import load_spec, rating_prompt  # noqa: E402
 from pipeline.device import emulate_4090  # noqa: E402
 from pipeline.humpback import rate, seed  # noqa: E402
-from pipeline.humpback.generate import encode, engine_for, generate, load, release, rows_that_fit, slot_length  # noqa: E402
+from pipeline.humpback.generate import encode, engine_for, generate, load, release, rows_that_fit, stage_length  # noqa: E402
 from pipeline.humpback.plan import Timed, project_stage  # noqa: E402
 from pipeline.train import plan  # noqa: E402
 from pipeline.train.model import weight_bytes  # noqa: E402
@@ -192,7 +192,7 @@ def main() -> int:
         for wanted in [int(r) for r in args.rows.split(",")]:
             for stage in ("generated", "scored"):
                 n = settings[stage]["max_new_tokens"]
-                length = slot_length(max(map(len, prompts[stage])) + n, spec.generation.context_length)
+                length = stage_length(prompts[stage], n, spec.generation.context_length)
                 rows = rows_that_fit(model, device, length, wanted)
                 engine = engine_for(model, tokenizer, device, spec.generation.eos_token_ids, rows, length)
                 engine_stage(engine, prompts[stage][:rows], device, max_new_tokens=2)  # warm-up

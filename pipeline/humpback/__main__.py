@@ -24,7 +24,7 @@ from ..train.model import ModelError, weight_bytes
 from ..train.plan import BudgetError, cards
 from . import curate, rate, seed
 from .generate import (DoesNotFit, encode, engine_for, fits, generate, load, release, row_seed, rows_that_fit,
-                       slot_length, stop_of)
+                       stage_length, stop_of)
 from .passages import PassageError, c4_files, select
 from .plan import HumpbackPlan, Timed, project_stage
 from .shards import Manifest, digest, file_sha256, folder_sha256, read_rows, shard_path, split, write_rows
@@ -122,14 +122,7 @@ def passages(run: Run) -> list[list[dict]]:
 # --- 2. the plan: every stage projected onto one RTX 4090 before any starts -----------------
 
 
-def stage_engine(run: Run, model, stage: str, prompts: list[list[int]], max_new_tokens: int):
-    """The engine a stage decodes with: rows of the longest fitting prompt + its new tokens, as many as fit."""
-    longest = max((len(p) for p in prompts if fits(p, max_new_tokens, run.context)), default=1)
-    length = slot_length(longest + max_new_tokens, run.context)
-    return stage_engine_of(run, model, stage, length)
-
-
-def stage_engine_of(run: Run, model, stage: str, length: int, rows: int | None = None):
+def stage_engine(run: Run, model, stage: str, length: int, rows: int | None = None):
     """The serving engine over `rows` slots (default: as many as fit, up to batch_size) of `length` positions."""
     from helm_server.static_engine import UnsupportedModel
 
@@ -151,7 +144,7 @@ def timed_batch(run: Run, model, stage: str, prompts: list[list[int]], max_new_t
     if not fitting:
         raise HumpbackError(f"{stage}: none of the {len(prompts)} prompts fits the model's {run.context} positions with "
                             f"{max_new_tokens + reserve} new tokens: lower max_chars or the stage's max_new_tokens")
-    engine = stage_engine(run, model, stage, prompts, max_new_tokens + reserve)
+    engine = stage_engine(run, model, stage, stage_length(fitting, max_new_tokens + reserve, run.context))
     batch = fitting[: len(engine.slots.caches)]
     generate(engine, batch[:1], [0], stops=[], max_new_tokens=2, exact_length=True, **sampling)  # warm-up
     if run.device.type == "cuda":
@@ -242,8 +235,7 @@ def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter
     adapter_sha = folder_sha256(adapter)
     prompts = [[make_prompt(r) for r in rows] for rows in inputs]
     kept = [[j for j, p in enumerate(ps) if fits(p, max_new_tokens, run.context)] for ps in prompts]
-    longest = max((len(ps[j]) for ps, ks in zip(prompts, kept) for j in ks), default=1)
-    length = slot_length(longest + max_new_tokens, run.context)
+    length = stage_length([p for ps in prompts for p in ps], max_new_tokens, run.context)
 
     def identities(rows: int | None) -> list[str | None]:
         return [digest(stage, run.manifest.stage(source)["shards"][str(i)]["sha256"], adapter_sha, template, sampling,
@@ -266,7 +258,7 @@ def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter
             todo = list(range(len(inputs)))
         wanted = identities(rows)
         run.manifest.set(stage, engine={"rows": rows, "positions": length, "cap": run.hb.batch_size})
-        engine = stage_engine_of(run, model, stage, length, rows)
+        engine = stage_engine(run, model, stage, length, rows)
         bar = tqdm(total=total, initial=total - sum(len(inputs[i]) for i in todo), unit="passage", desc=stage,
                    dynamic_ncols=True, file=sys.stderr)
         for i in todo:

@@ -97,6 +97,12 @@ def slot_length(longest: int, context: int) -> int:
     return min(context, -(-longest // SMALLEST_BUCKET) * SMALLEST_BUCKET)
 
 
+def stage_length(prompts: list[list[int]], max_new_tokens: int, context: int) -> int:
+    """The slot length of a stage: its longest prompt that `fits`, plus the new tokens."""
+    longest = max((len(p) for p in prompts if fits(p, max_new_tokens, context)), default=1)
+    return slot_length(longest + max_new_tokens, context)
+
+
 def rows_that_fit(model, device: torch.device, length: int, wanted: int) -> int:
     """At most `wanted` rows of `length` positions; on a GPU as many as its free memory holds (under the
     4090 cap when one is set) beside HEADROOM_BYTES."""
