@@ -126,6 +126,15 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="print the engine's top CUDA kernels")
     p.add_argument("--emulate-4090", action="store_true")
     args = p.parse_args()
+    paths = args.paths.split(",")
+    if not paths or set(paths) - {"hf", "engine"}:
+        p.error(f"--paths {args.paths!r}: a comma list of hf and engine")
+    if not all(r.isdigit() and int(r) > 0 for r in args.rows.split(",")):
+        p.error(f"--rows {args.rows!r}: a comma list of positive row caps, e.g. 4,8,16")
+    row_caps = [int(r) for r in args.rows.split(",")]
+    for flag in ("passages", "hf_passages", "hf_batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
 
     spec_file = REPO / "submissions" / args.spec / "spec.toml"
     spec, _ = load_spec(spec_file)
@@ -189,7 +198,7 @@ def main() -> int:
             show("hf", stage)
 
     def engine_path() -> None:
-        for wanted in [int(r) for r in args.rows.split(",")]:
+        for wanted in row_caps:
             for stage in ("generated", "scored"):
                 n = settings[stage]["max_new_tokens"]
                 length = stage_length(prompts[stage], n, spec.generation.context_length)
@@ -200,13 +209,12 @@ def main() -> int:
                 ms = seconds / -(-args.passages // rows) / n * 1e3
                 results[(f"engine@{rows}", stage)] = (seconds, peak, rows, ms, args.passages)
                 show(f"engine@{rows}", stage)
-                if args.profile and device.type == "cuda" and stage == "generated" and wanted == max(
-                        int(r) for r in args.rows.split(",")):
+                if args.profile and device.type == "cuda" and stage == "generated" and wanted == max(row_caps):
                     profile_engine(engine, prompts[stage][:rows])
                 del engine
                 release()
 
-    for path in args.paths.split(","):  # in the order given: a failure in the second still prints the first
+    for path in paths:  # in the order given: a failure in the second still prints the first
         {"hf": hf_path, "engine": engine_path}[path]()
 
     total: dict[str, float] = {}
