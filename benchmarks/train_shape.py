@@ -14,7 +14,7 @@ onto one RTX 4090, side by side. With fewer layers than the shape's, per-token
 time is moved to the whole model from probes with 1 and all built layers.
 
     python benchmarks/train_shape.py --vocab qwen.tiktoken --layers 40 --minutes 1 --work /tmp/t40 --emulate-4090 \
-        --path reference,fast@6144,fast@8192 --profile /tmp/prof
+        --path reference,fast_unfused@6144,fast@6144,fast@8192 --profile /tmp/prof
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ from pipeline.train.schedule import optimizer_steps  # noqa: E402
 from qwen1 import gptq_quantize  # noqa: E402
 
 GROUP = 128
+FAST = {  # the fast path's variants: what `fast.Step` computes under
+    "fast": {},  # as the stage runs it: liger's fused kernels on CUDA (when installed), the one-add LoRA branch
+    "fast_unfused": {"kernels": None, "fused_lora": False},  # transformers' and peft's own elementwise code
+    "fast_lora": {"kernels": None},  # only the one-add LoRA branch
+    "fast_torch_dequant": {"eval_dequant": False},  # GPTQModel's training-mode dequantization
+}
 LINEAR = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_attn.v_proj": ("h", "h"),
           "self_attn.o_proj": ("h", "h"), "mlp.gate_proj": ("h", "i"), "mlp.up_proj": ("h", "i"),
           "mlp.down_proj": ("i", "h")}
@@ -132,8 +138,8 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=5.0, help="training time of each path")
     p.add_argument("--path", default="reference,fast",
                    help="paths measured one after the other in this process, from the same adapter and data order: "
-                        "reference, fast, or fast@TOKENS (padded tokens per micro-batch); fast_torch_dequant: "
-                        "the fast path with GPTQModel's training-mode dequantization")
+                        "reference or a fast variant (" + ", ".join(FAST) + "), each fast one optionally @TOKENS "
+                        "(padded tokens per micro-batch)")
     p.add_argument("--min-len", type=int, default=128)
     p.add_argument("--examples", type=int, default=20000)
     p.add_argument("--emulate-4090", action="store_true")
@@ -142,6 +148,10 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="64-token examples, accumulation 2: check this script quickly")
     args = p.parse_args()
+    for path in args.path.split(","):
+        kind, at, tokens_arg = path.partition("@")
+        if kind not in ("reference", *FAST) or (at and (kind == "reference" or not tokens_arg.isdigit())):
+            p.error(f"--path {path!r}: each of reference, {', '.join(FAST)}; a fast one may end in @TOKENS (a number)")
 
     spec, _ = load_spec(REPO / "submissions" / args.spec / "spec.toml")
     training, s = spec.training, spec.training.schedule
@@ -194,10 +204,10 @@ def main() -> int:
         torch.manual_seed(s.seed)
         optimizer = loop.make_optimizer(params, training.optimizer, device)
         scheduler = loop.make_scheduler(optimizer, total, s)
-        if kind in ("fast", "fast_torch_dequant"):
-            eval_dequant = kind == "fast"
-            step = fast.Step(pad_id, device, micro_tokens, eval_dequant)
-            run_probe = lambda: fast.probe(model, examples, s, pad_id, device, micro_tokens, eval_dequant=eval_dequant)  # noqa: E731
+        if kind in FAST:
+            how = FAST[kind]
+            step = fast.Step(pad_id, device, micro_tokens, **how)
+            run_probe = lambda: fast.probe(model, examples, s, pad_id, device, micro_tokens, **how)  # noqa: E731
         else:
             step = None
             run_probe = lambda: loop.probe(model, examples, s, pad_id, device, timed=8)  # noqa: E731

@@ -21,6 +21,8 @@ from pipeline.data import __main__ as data
 from pipeline.quantize.tiny import save_tiny_gptq
 from pipeline.train import __main__ as train
 from pipeline.train import fast
+from pipeline.train import kernels
+from conftest import TEST_DEVICE
 from tiny_world import write_world
 
 STEPS = 20    # optimizer steps compared between the paths
@@ -98,6 +100,111 @@ def test_chunked_linear_cross_entropy_equals_the_plain_computation(dtype, rtol, 
     torch.testing.assert_close(hidden.grad.float(), plain_h.grad.float(), rtol=rtol, atol=atol)
     with pytest.raises(ValueError, match="frozen"):
         fast.linear_cross_entropy(hidden, weight.clone().requires_grad_(), targets, weights)
+
+
+def _lora_model(arch: str, dropout: float, checkpointing: bool = True):
+    """A 2-layer random model with LoRA on every linear, as `add_lora` wraps it (gradient checkpointing on)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    model = (Qwen2ForCausalLM(Qwen2Config(**shape)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**shape)))
+    for q in model.parameters():
+        q.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
+    for name, q in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero in peft: give the branch something to change
+            torch.nn.init.normal_(q, std=0.1)
+    return model
+
+
+def _loss_and_grads(model, ids, seed: int = 1):
+    torch.manual_seed(seed)  # the same dropout masks on both sides
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+
+
+def _counting(base: kernels.Kernels) -> tuple[kernels.Kernels, dict]:
+    calls = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+
+    def counted(name, fn):
+        def call(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return call
+
+    return kernels.Kernels("counted", *(counted(n, getattr(base, n)) for n in calls)), calls
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_fused_kernels_and_the_one_add_lora_branch_compute_what_transformers_and_peft_do(arch):
+    """The wiring of `kernels.fused` (liger's kernels stand in as the plain computation on a CPU): every norm,
+    MLP and rotary call goes through the table, in the forward and the checkpointed recomputation, with peft's
+    dropout masks unchanged (dropout on); the loss and every LoRA gradient agree, and the modules come back."""
+    model = _lora_model(arch, dropout=0.3)
+    ids = torch.randint(0, 97, (2, 12))
+    want_loss, want = _loss_and_grads(model, ids)
+    table, calls = _counting(kernels.plain())
+    with kernels.fused(model, table):
+        got_loss, got = _loss_and_grads(model, ids)
+    assert got_loss == pytest.approx(float(want_loss), rel=1e-5)
+    assert want.keys() == got.keys() and len(got) == 2 * 7 * 2
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    # 2 layers: forward + recomputation in backward; norms: 2 per layer + the final one (not recomputed)
+    assert calls == {"rms_norm": 2 * 2 * 2 + 1, "swiglu": 2 * 2, "rope": 2 * 2}
+    assert not any("forward" in vars(m) for m in model.modules())
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+    assert qwen2.apply_rotary_pos_emb.__module__ == qwen2.__name__
+    assert llama.apply_rotary_pos_emb.__module__ == llama.__name__
+    with kernels.fused(model, None):  # the LoRA branch alone: no table, transformers' own norm and MLP
+        alone_loss, _ = _loss_and_grads(model, ids)
+    assert alone_loss == pytest.approx(float(want_loss), rel=1e-5)
+
+
+def test_the_one_add_lora_branch_rounds_less_in_half_precision():
+    """peft rounds B(A x), its scaled copy and the sum to fp16; the branch rounds once (addmm accumulates in
+    fp32): against an fp32 computation it is at least as close, dropout masks unchanged."""
+    model = _lora_model("qwen2", dropout=0.0, checkpointing=False)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        exact = layer(x)
+        layer.half()
+        peft_half = layer(x.half()).float()
+        with kernels.fused(model, None):
+            ours = layer(x.half()).float()
+    assert (ours - exact).abs().max() <= (peft_half - exact).abs().max() + 1e-3
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda" or kernels.liger() is None,
+                    reason="liger's Triton kernels run on a GPU: TEST_DEVICE=cuda with liger-kernel installed")
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_liger_kernels_compute_what_the_plain_code_does_on_cuda(arch):
+    model = _lora_model(arch, dropout=0.0).to("cuda", torch.float16)
+    ids = torch.randint(0, 97, (3, 40), device="cuda")
+    with kernels.fused(model, kernels.plain()):
+        want_loss, want = _loss_and_grads(model, ids)
+    with kernels.fused(model, kernels.liger()):
+        got_loss, got = _loss_and_grads(model, ids)
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=2e-3)
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=2e-3, msg=name)
+
+
+def test_liger_is_taken_on_cuda_only_and_when_installed():
+    assert kernels.for_device(torch.device("cpu")) is None
+    table = kernels.liger()
+    assert table is None or table.name == "liger"
 
 
 def test_auto_is_fast_on_cuda_and_the_reference_elsewhere():

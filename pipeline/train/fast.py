@@ -27,6 +27,9 @@ how a step is computed:
    hidden states is computed chunk by chunk in the forward (the output layer
    is frozen), with the reference's numerics: fp16 logits, fp32 softmax, the
    fp32 gradient cast to fp16 before the product with the weight.
+5. Fewer elementwise kernels (`kernels.py`): liger-kernel's fused RMSNorm,
+   rotary and SwiGLU on CUDA, and each LoRA branch's scaling and add folded into
+   its GEMMs.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from . import kernels as fused_kernels
 from .plan import Probe
 
 IGNORE = -100
@@ -215,6 +219,18 @@ def half_precision_lora(model, eval_dequant: bool = True):
             m.__dict__.pop("forward", None)
 
 
+AUTO = "auto"  # the kernels `fused_kernels.for_device` picks
+
+
+@contextlib.contextmanager
+def computing(model, device: torch.device, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True):
+    """Everything a fast step computes under: half-precision LoRA, eval-mode dequantization, the fused kernels
+    (`kernels`: a `fused_kernels.Kernels`, None for transformers' own code, or AUTO) and the one-add LoRA branch."""
+    chosen = fused_kernels.for_device(device) if kernels == AUTO else kernels
+    with half_precision_lora(model, eval_dequant), fused_kernels.fused(model, chosen, fused_lora):
+        yield
+
+
 def forward_backward(model, batch: dict) -> torch.Tensor:
     """One packed micro-batch: hidden states, the chunked loss over its answer tokens, backward; the weighted loss."""
     causal = model.get_base_model()
@@ -238,8 +254,10 @@ def micro_batches(group: list[list[dict]], pad_id: int, device: torch.device, mi
 class Step:
     """The fast path's optimizer step, called by `loop.train` with a group of reference micro-batches (rows)."""
 
-    def __init__(self, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS, eval_dequant: bool = True):
-        self.pad_id, self.device, self.micro_tokens, self.eval_dequant = pad_id, device, micro_tokens, eval_dequant
+    def __init__(self, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS, eval_dequant: bool = True,
+                 kernels=AUTO, fused_lora: bool = True):
+        self.pad_id, self.device, self.micro_tokens = pad_id, device, micro_tokens
+        self.how = {"eval_dequant": eval_dequant, "kernels": kernels, "fused_lora": fused_lora}
 
     def __call__(self, model, optimizer, scheduler, group: list[list[dict]], max_grad_norm: float | None,
                  dropped: Callable[[], bool] = lambda: False) -> tuple[float, float] | None:
@@ -248,7 +266,7 @@ class Step:
         lr = scheduler.get_last_lr()[0]
         batches = list(micro_batches(group, self.pad_id, self.device, self.micro_tokens))
         total = None
-        with half_precision_lora(model, self.eval_dequant):
+        with computing(model, self.device, **self.how):
             for n, batch in enumerate(batches, 1):
                 loss = forward_backward(model, batch)
                 total = loss if total is None else total + loss
@@ -264,7 +282,7 @@ class Step:
 
 
 def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS,
-          groups: int = 1, eval_dequant: bool = True) -> Probe:
+          groups: int = 1, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True) -> Probe:
     """As `loop.probe` for this path: forward + backward on the fullest micro-batch of the longest examples (the
     memory peak), then `groups` accumulation groups of epoch 0's order (the rate); gradients discarded, RNG put back."""
     from .loop import epoch_order, measured
@@ -289,5 +307,5 @@ def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.devi
                 tokens += batch["tokens"]
         return tokens
 
-    with half_precision_lora(model, eval_dequant):
+    with computing(model, device, eval_dequant, kernels, fused_lora):
         return measured(model, device, peak, rate, width)
