@@ -141,3 +141,31 @@ def test_the_spec_chooses_the_engine():
     assert ServerSettings().engine == "auto" and ServerSettings(engine="static").engine == "static"
     with pytest.raises(ValidationError, match="auto"):
         ServerSettings(engine="vllm")
+
+
+def test_unmerged_adapters_run_in_the_bases_dtype():
+    """peft keeps LoRA weights in fp32; the engine casts them to the base's dtype (fp16 on a GPU), so adapter
+    products are no fp32 GEMMs beside the base's: the base's own weights are untouched, the output barely moves."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from helm_server.static_engine import adapters_in
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(Qwen2ForCausalLM(config).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    lora = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert set(lora.values()) == {torch.float32}  # as peft loads them
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        before = model(ids).logits.float()
+        assert adapters_in(model, torch.bfloat16) == len(lora) == 6
+        after = model(ids).logits.float()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert adapters_in(model, torch.bfloat16) == 0
+    torch.testing.assert_close(after, before, rtol=0.05, atol=0.05)

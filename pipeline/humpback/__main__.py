@@ -31,6 +31,8 @@ from .shards import Manifest, digest, file_sha256, folder_sha256, read_rows, sha
 
 HUMPBACK = REPO / "build" / "humpback"
 
+ENGINE = "static-engine, fp16 adapters"  # how shards are generated: part of their identity (other numerics, other text)
+
 
 class HumpbackError(Exception):
     """A run that produced nothing usable; the message says where to look."""
@@ -165,7 +167,7 @@ def plan(run: Run, shards: list[list[dict]], forward: list[dict], backward: list
 
     hb = run.hb
     inputs = digest(hb.model_dump(), run.count, seed.rows_sha256(forward), seed.rows_sha256(backward),
-                    weights_fingerprint(run.base), str(run.device), run.context, "static-engine")
+                    weights_fingerprint(run.base), str(run.device), run.context, ENGINE)
     saved = run.manifest.stage("plan")
     if saved.get("inputs") != inputs:
         print("plan: measuring the seed models' training and one batch of each generation stage", flush=True)
@@ -239,7 +241,7 @@ def sharded(run: Run, stage: str, source: str, inputs: list[list[dict]], adapter
 
     def identities(rows: int | None) -> list[str | None]:
         return [digest(stage, run.manifest.stage(source)["shards"][str(i)]["sha256"], adapter_sha, template, sampling,
-                       max_new_tokens, seed, rows, length, "static-engine") if rows else None
+                       max_new_tokens, seed, rows, length, ENGINE) if rows else None
                 for i in range(len(inputs))]
 
     shape = run.manifest.stage(stage).get("engine") or {}
