@@ -38,6 +38,7 @@ from hub_fixtures import _WORDS  # noqa: E402
 from packager.spec import load_spec, rating_prompt  # noqa: E402
 from pipeline.device import emulate_4090  # noqa: E402
 from pipeline.humpback import rate, seed  # noqa: E402
+from helm_server.static_engine import StaticEngine  # noqa: E402
 from pipeline.humpback.generate import encode, engine_for, generate, load, release, rows_that_fit, stage_length  # noqa: E402
 from pipeline.humpback.plan import Timed, project_stage  # noqa: E402
 from pipeline.train import plan  # noqa: E402
@@ -45,6 +46,9 @@ from pipeline.train.model import weight_bytes  # noqa: E402
 from train_shape import build_gptq  # noqa: E402
 
 PAD = 151643 + 3 + 21  # <|extra_21|>
+
+
+PATHS = ("hf", "engine_fp32", "engine")  # the order they run in
 
 
 def passages(n: int, low: int, high: int, seed_: int = 0) -> list[str]:
@@ -119,7 +123,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, help="decoder layers built (default: all of the shape's)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--passages", type=int, default=64, help="passages timed per stage and path")
-    p.add_argument("--paths", default="hf,engine", help="hf (the previous stage's path), engine (today's)")
+    p.add_argument("--paths", default="hf,engine", help=f"of {', '.join(PATHS)}: hf (the previous stage's path), "
+                   "engine_fp32 (the engine with peft's fp32 adapter weights), engine (today's); run in that order "
+                   "(the engine casts the adapter to fp16 in place)")
     p.add_argument("--hf-batch", type=int, default=4, help="the hf path's batch (the previous spec's batch_size)")
     p.add_argument("--hf-passages", type=int, help="passages timed on the hf path (default --passages; it is slow)")
     p.add_argument("--rows", default="4,8,16", help="the engine's row caps (each lowered to what fits)")
@@ -127,8 +133,8 @@ def main() -> int:
     p.add_argument("--emulate-4090", action="store_true")
     args = p.parse_args()
     paths = args.paths.split(",")
-    if not paths or set(paths) - {"hf", "engine"}:
-        p.error(f"--paths {args.paths!r}: a comma list of hf and engine")
+    if not paths or set(paths) - set(PATHS):
+        p.error(f"--paths {args.paths!r}: a comma list of {', '.join(PATHS)}")
     if not all(r.isdigit() and int(r) > 0 for r in args.rows.split(",")):
         p.error(f"--rows {args.rows!r}: a comma list of positive row caps, e.g. 4,8,16")
     row_caps = [int(r) for r in args.rows.split(",")]
@@ -197,25 +203,30 @@ def main() -> int:
             results[("hf", stage)] = (seconds, peak, b, ms, few)
             show("hf", stage)
 
-    def engine_path() -> None:
+    def engine_path(half_adapters: bool = True) -> None:
+        label = "engine" if half_adapters else "fp32"
         for wanted in row_caps:
             for stage in ("generated", "scored"):
                 n = settings[stage]["max_new_tokens"]
                 length = stage_length(prompts[stage], n, spec.generation.context_length)
                 rows = rows_that_fit(model, device, length, wanted)
-                engine = engine_for(model, tokenizer, device, spec.generation.eos_token_ids, rows, length)
+                if half_adapters:
+                    engine = engine_for(model, tokenizer, device, spec.generation.eos_token_ids, rows, length)
+                else:
+                    engine = StaticEngine(model, tokenizer, spec.generation.eos_token_ids, device, length, rows=rows,
+                                          prefill_graphs=False, half_adapters=False)
                 engine_stage(engine, prompts[stage][:rows], device, max_new_tokens=2)  # warm-up
                 seconds, peak = engine_stage(engine, prompts[stage], device, **settings[stage])
                 ms = seconds / -(-args.passages // rows) / n * 1e3
-                results[(f"engine@{rows}", stage)] = (seconds, peak, rows, ms, args.passages)
-                show(f"engine@{rows}", stage)
+                results[(f"{label}@{rows}", stage)] = (seconds, peak, rows, ms, args.passages)
+                show(f"{label}@{rows}", stage)
                 if args.profile and device.type == "cuda" and stage == "generated" and wanted == max(row_caps):
                     profile_engine(engine, prompts[stage][:rows])
                 del engine
                 release()
 
-    for path in paths:  # in the order given: a failure in the second still prints the first
-        {"hf": hf_path, "engine": engine_path}[path]()
+    for path in sorted(paths, key=PATHS.index):  # a failure in a later one still prints the earlier
+        {"hf": hf_path, "engine_fp32": lambda: engine_path(half_adapters=False), "engine": engine_path}[path]()
 
     total: dict[str, float] = {}
     for (path, stage), (seconds, peak, rows, ms, n) in results.items():

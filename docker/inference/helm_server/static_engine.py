@@ -453,7 +453,8 @@ class StaticEngine(Tokenizing):
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device, context_length: int,
-                 graphs: bool | None = None, reuse: bool = True, rows: int = 1, prefill_graphs: bool = True) -> None:
+                 graphs: bool | None = None, reuse: bool = True, rows: int = 1, prefill_graphs: bool = True,
+                 half_adapters: bool = True) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.reuse = reuse  # off only to measure what prefix reuse saves
         self.w = weights_of(model)
@@ -464,7 +465,8 @@ class StaticEngine(Tokenizing):
             raise ValueError(f"rows must be at least 1, not {rows}")
         dtype = self.w.embed.weight.dtype
         hidden = self.w.embed.weight.shape[1]
-        adapters_in(model, dtype)
+        if half_adapters:  # off only to measure what fp32 adapter products cost
+            adapters_in(model, dtype)
         self.slots = Slots(self.w, rows, context_length, hidden, dtype, device)
         self.cache = self.slots.caches[0]
         self.rope = rope_tables(model, context_length, dtype, device)
