@@ -52,8 +52,10 @@ LINEAR = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_
           "mlp.down_proj": ("i", "h")}
 
 
-def build_gptq(folder: Path, shape: dict, layers: int, vocab: Path, device: torch.device) -> None:
-    """A Qwen2 GPTQ (8-bit, group 128, AutoGPTQ format) checkpoint of random weights, written shard per layer."""
+def build_gptq(folder: Path, shape: dict, layers: int, vocab: Path, device: torch.device,
+               weights: dict[str, torch.Tensor] | None = None) -> None:
+    """A Qwen2 GPTQ (8-bit, group 128, AutoGPTQ format) checkpoint of random weights (or of `weights`, a trained
+    model's state dict of this shape, rounded to nearest), written shard per layer."""
     from safetensors.torch import save_file
 
     if (folder / "config.json").is_file():
@@ -63,22 +65,32 @@ def build_gptq(folder: Path, shape: dict, layers: int, vocab: Path, device: torc
     group = GROUP if h % GROUP == 0 and i % GROUP == 0 else 32
     dims = {"h": h, "i": i}
     g = torch.Generator(device=device).manual_seed(0)
-    rand = lambda *s, std=0.02: (torch.randn(*s, generator=g, device=device) * std)  # noqa: E731
+
+    def rand(*s, std=0.02, name: str = ""):
+        if weights is not None and name:
+            return weights[name].to(device, torch.float32)
+        return torch.randn(*s, generator=g, device=device) * std
+
     index = {}
-    top = {"model.embed_tokens.weight": rand(v, h).half(), "lm_head.weight": rand(v, h).half(),
-           "model.norm.weight": torch.ones(h, dtype=torch.float16, device=device)}
+    top = {"model.embed_tokens.weight": rand(v, h, name="model.embed_tokens.weight").half(),
+           "lm_head.weight": rand(v, h, name="lm_head.weight").half(),
+           "model.norm.weight": (weights["model.norm.weight"].to(device, torch.float16) if weights is not None
+                                 else torch.ones(h, dtype=torch.float16, device=device))}
     save_file({k: t.cpu().contiguous() for k, t in top.items()}, str(folder / "top.safetensors"))
     index.update({k: "top.safetensors" for k in top})
     for n in range(layers):
         tensors = {}
         for name, (fan_in, fan_out) in LINEAR.items():
-            packed, _ = gptq_quantize(rand(dims[fan_out], dims[fan_in]).float(), group)
+            key = f"model.layers.{n}.{name}"
+            packed, _ = gptq_quantize(rand(dims[fan_out], dims[fan_in], name=f"{key}.weight").float(), group)
             for kind, t in packed.items():
-                tensors[f"model.layers.{n}.{name}.{kind}"] = t
+                tensors[f"{key}.{kind}"] = t
             if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                tensors[f"model.layers.{n}.{name}.bias"] = torch.zeros(dims[fan_out], dtype=torch.float16)
+                tensors[f"{key}.bias"] = (weights[f"{key}.bias"].cpu().half() if weights is not None
+                                          else torch.zeros(dims[fan_out], dtype=torch.float16))
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"model.layers.{n}.{norm}.weight"] = torch.ones(h, dtype=torch.float16)
+            key = f"model.layers.{n}.{norm}.weight"
+            tensors[key] = weights[key].cpu().half() if weights is not None else torch.ones(h, dtype=torch.float16)
         file = f"layer-{n:02d}.safetensors"
         save_file({k: t.cpu().contiguous() for k, t in tensors.items()}, str(folder / file))
         index.update({k: file for k in tensors})
@@ -94,6 +106,39 @@ def build_gptq(folder: Path, shape: dict, layers: int, vocab: Path, device: torc
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     fast_tokenizer(vocab).save_pretrained(folder)
+
+
+TRAINED = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=8)  # --trained: a small model that learned the tiny model's corpus
+
+
+def corpus_ids() -> list[int]:
+    from packager.tiny_model import _CORPUS, build_tokenizer
+
+    return build_tokenizer()(" ".join(_CORPUS) * 4)["input_ids"]
+
+
+def trained_weights(device: torch.device, steps: int = 300) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A 4-layer Qwen2 of TRAINED's shape trained on the tiny model's corpus: its predictions are learned, not the
+    near-uniform ones of random weights, so a path that computes otherwise shows in the losses."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=152064, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, **TRAINED)
+    model = Qwen2ForCausalLM(config).to(device)
+    ids = corpus_ids()
+    flat = torch.tensor(ids, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(steps):
+        start = random.Random(step).randrange(0, max(1, flat.numel() - 256))
+        batch = flat[start:start + 256][None]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    print(f"trained the {TRAINED['num_hidden_layers']}-layer model {steps} steps: loss {loss.item():.3f}", flush=True)
+    return {k: v.detach() for k, v in model.state_dict().items()}, ids
 
 
 def probe_layers(model, run_probe, keep: int) -> plan.Probe:
@@ -147,6 +192,12 @@ def main() -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen-14b", help="tiny: smoke-test this script on a CPU")
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="64-token examples, accumulation 2: check this script quickly")
+    p.add_argument("--trained", action="store_true",
+                   help="a 4-layer model trained on the tiny model's corpus, and windows of that corpus, instead of the "
+                        "shape's random weights and tokens: the paths' losses compared where they mean something")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="--trained: the small model's own training steps")
+    p.add_argument("--steps", type=int, help="stop each path after this many optimizer steps (and --minutes)")
+    p.add_argument("--no-dropout", action="store_true", help="LoRA dropout 0: the paths draw no random numbers")
     args = p.parse_args()
     for path in args.path.split(","):
         kind, at, tokens_arg = path.partition("@")
@@ -157,21 +208,31 @@ def main() -> int:
     training, s = spec.training, spec.training.schedule
     if args.smoke:
         s = s.model_copy(update={"max_length": 64, "gradient_accumulation": 2})
-    shape = SHAPES[args.shape]
+    if args.no_dropout:
+        training = training.model_copy(update={"lora": training.lora.model_copy(update={"dropout": 0.0})})
+    shape = TRAINED if args.trained else SHAPES[args.shape]
     full_layers = shape["num_hidden_layers"]
+    if args.trained:
+        args.layers = full_layers
     device = torch.device(args.device)
     if args.emulate_4090 and device.type == "cuda":
         emulate_4090(device, plan.cards()["target"]["memory_gib"])
-    base = args.work / "base"
+    base = args.work / ("trained" if args.trained else "base")
     started = time.perf_counter()
-    build_gptq(base, shape, args.layers, args.vocab, device)
+    weights, corpus = trained_weights(device, args.pretrain_steps) if args.trained and not (base / "config.json").is_file() else (None, None)
+    build_gptq(base, shape, args.layers, args.vocab, device, weights)
     print(f"built {base} in {time.perf_counter() - started:.0f} s", flush=True)
 
     rng = random.Random(0)
+    corpus = corpus or corpus_ids()
     examples = []
     for _ in range(args.examples):
-        n = rng.randint(args.min_len, s.max_length)
-        ids = [rng.randrange(0, 151643) for _ in range(n)]
+        n = rng.randint(args.min_len, min(s.max_length, len(corpus) if args.trained else s.max_length))
+        if args.trained:  # a window of the text the model learned
+            start = rng.randrange(0, len(corpus) - n + 1)
+            ids = corpus[start:start + n]
+        else:
+            ids = [rng.randrange(0, 151643) for _ in range(n)]
         cut = n // 3  # a prompt without loss, then an answer with loss
         examples.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
     pad_id = 151643 + 3 + 21  # <|extra_21|>
@@ -251,7 +312,7 @@ def main() -> int:
                 r = rows[-1]
                 print(f"{path} step {r['step']:4d} loss {r['loss']:.4f} {r['tokens'] / r['seconds']:,.0f} tok/s "
                       f"peak {r['peak_gib']:.2f} GiB", flush=True)
-                if time.perf_counter() - train_start > args.minutes * 60:
+                if time.perf_counter() - train_start > args.minutes * 60 or (args.steps and position.step >= args.steps):
                     raise TimeoutError
 
             train_start = time.perf_counter()
@@ -273,7 +334,7 @@ def main() -> int:
             "tokens_per_s": round(tokens / seconds), "peak_gib": round(peak_gib(), 2),
             "probe_tokens_per_s": round(measured.tokens / measured.seconds),
             "probe_peak_gib": round(measured.peak_bytes / (1 << 30), 2) if measured.peak_bytes else None,
-            "losses": [round(r["loss"], 4) for r in rows],
+            "losses": [round(r["loss"], 6) for r in rows],
             "full_model_tokens_per_s_here": round(1 / full_per_token),
             "share_of_dense_fp16": round(6 * linear_params / full_per_token / (dense_tflops * 1e12), 3) if dense_tflops else None,
             "full_model_tokens_per_s_4090": round(1 / (full_per_token * ratio)) if ratio else None,
@@ -290,19 +351,22 @@ def main() -> int:
     for r in results:
         if reference is not None and "error" not in r:
             r["speed_vs_reference"] = round(r["tokens_per_s"] / reference["tokens_per_s"], 2)
+            pairs = list(zip(r["losses"], reference["losses"]))
+            r["max_rel_loss_vs_reference"] = max(abs(a - b) / abs(b) for a, b in pairs) if pairs else None
     print(json.dumps({
         "device": name, "layers_built": args.layers, "trainable_params": trainable, "ratio_to_4090": ratio,
         "checkpoint_s": round(time.perf_counter() - ck, 1), "checkpoint": str(saved), "paths": results,
     }, indent=2))
-    print("| path | optimizer steps | tokens | tokens/s | vs reference | share of dense fp16 | peak GiB | 4090 tokens/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| path | optimizer steps | tokens | tokens/s | vs reference | share of dense fp16 | peak GiB | 4090 tokens/s "
+          "| largest relative loss difference from reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
-            print(f"| {r['path']} | {r['error']} | | | | | | |")
+            print(f"| {r['path']} | {r['error']} | | | | | | | |")
             continue
         print(f"| {r['path']} | {r['optimizer_steps']} | {r['tokens']:,} | {r['full_model_tokens_per_s_here']:,} | "
               f"{r.get('speed_vs_reference', '')} | {r['share_of_dense_fp16']} | {r['peak_gib']} | "
-              f"{r['full_model_tokens_per_s_4090']} |")
+              f"{r['full_model_tokens_per_s_4090']} | {r.get('max_rel_loss_vs_reference')} |")
     return 0
 
 

@@ -44,8 +44,8 @@ from .plan import Probe
 
 IGNORE = -100
 PATHS = ("fast", "reference")
-MICRO_TOKENS = 6144   # padded tokens per micro-batch: 21.1 GiB peak at Qwen-14B's 8-bit shape, r=32 (8192: 22.6 GiB,
-                      # 1.27x faster; measured by benchmarks/train_shape.py --path fast@6144,fast@8192)
+MICRO_TOKENS = 6144   # padded tokens per micro-batch: 20.6 GiB peak at Qwen-14B's 8-bit shape, r=32, fused kernels (8192:
+                      # 21.9 GiB and no faster; measured by benchmarks/train_shape.py --path fast@6144,fast@8192)
 CE_ROWS = 512         # answer tokens per chunk of the output layer (512 x 152,064 fp32 logits: 0.3 GiB)
 
 
