@@ -36,13 +36,15 @@ LOGPROB_TOLERANCE = 0.05  # fp16: two code paths round differently
 BATCH_DIFFERING = 0.05  # share of requests whose batched answer may differ from batch 1's (fp16 near ties)
 
 
-def trained_model(device: torch.device, steps: int = 300):
+def trained_model(device: torch.device, steps: int = 300, **shape):
+    """The small model, trained; `shape` overrides its Qwen2Config fields (benchmarks/train_shape.py --trained)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=QWEN_VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, eos_token_id=QWEN_EOS_ID)
+    config = Qwen2Config(**{**dict(vocab_size=QWEN_VOCAB_SIZE, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                   max_position_embeddings=4096, tie_word_embeddings=False,
+                                   eos_token_id=QWEN_EOS_ID), **shape})
     model = Qwen2ForCausalLM(config).to(device)
     tokenizer = build_tokenizer()
     text = " ".join(_CORPUS)

@@ -119,26 +119,13 @@ def corpus_ids() -> list[int]:
 
 
 def trained_weights(device: torch.device, steps: int = 300) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """A 4-layer Qwen2 of TRAINED's shape trained on the tiny model's corpus: its predictions are learned, not the
-    near-uniform ones of random weights, so a path that computes otherwise shows in the losses."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """engine_check's small model in TRAINED's shape, trained on the tiny model's corpus: its predictions are
+    learned, not the near-uniform ones of random weights, so a path that computes otherwise shows in the losses."""
+    from engine_check import trained_model
 
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=152064, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-6,
-                         rope_theta=10000.0, **TRAINED)
-    model = Qwen2ForCausalLM(config).to(device)
-    ids = corpus_ids()
-    flat = torch.tensor(ids, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(steps):
-        start = random.Random(step).randrange(0, max(1, flat.numel() - 256))
-        batch = flat[start:start + 256][None]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    print(f"trained the {TRAINED['num_hidden_layers']}-layer model {steps} steps: loss {loss.item():.3f}", flush=True)
-    return {k: v.detach() for k, v in model.state_dict().items()}, ids
+    model, _ = trained_model(device, steps, vocab_size=152064, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                             rope_theta=10000.0, **TRAINED)
+    return dict(model.state_dict()), corpus_ids()
 
 
 def probe_layers(model, run_probe, keep: int) -> plan.Probe:
