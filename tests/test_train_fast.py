@@ -203,6 +203,7 @@ def test_liger_kernels_compute_what_the_plain_code_does_on_cuda(arch):
 
 def test_liger_is_taken_on_cuda_only_and_when_installed():
     assert kernels.for_device(torch.device("cpu")) is None
+    assert fast.kernels_used(torch.device("cpu")) == "transformers' own norm, rotary and SwiGLU (a CPU)"
     table = kernels.liger()
     assert table is None or table.name == "liger"
 

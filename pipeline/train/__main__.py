@@ -32,7 +32,7 @@ from .model import ModelError, add_lora, load_base, trainable_parameters, weight
 from .schedule import optimizer_steps
 
 TRAIN = REPO / "build" / "train"
-VERSIONS = ("torch", "transformers", "peft", "gptqmodel", "lion-pytorch", "bitsandbytes")
+VERSIONS = ("torch", "transformers", "peft", "gptqmodel", "lion-pytorch", "bitsandbytes", "liger-kernel")
 
 
 class TrainError(Exception):
@@ -218,8 +218,9 @@ def train_adapter(spec, spec_sha: str, training, examples: list[dict], data_sha:
     optimizer = make_optimizer(params, training.optimizer, device)
     scheduler = make_scheduler(optimizer, total, s)
     path = fast.resolve_path(training.path, device)  # the fast path on CUDA by default; the reference elsewhere
+    how = f"{path} path" + (f", {fast.kernels_used(device)}" if path == "fast" else "")
     print(f"{spec.name}: LoRA r={training.lora.r} on {training.lora.resolved()}: "
-          f"{trainable:,} trainable parameters; {total} optimizer steps on {device} ({path} path)", flush=True)
+          f"{trainable:,} trainable parameters; {total} optimizer steps on {device} ({how})", flush=True)
 
     # 2. fresh start: measure, project onto one RTX 4090, refuse over budget; resume: restore everything
     if resume is None:

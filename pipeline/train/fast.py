@@ -222,6 +222,15 @@ def half_precision_lora(model, eval_dequant: bool = True):
 AUTO = "auto"  # the kernels `fused_kernels.for_device` picks
 
 
+def kernels_used(device: torch.device) -> str:
+    """What the progress line says of the fast path's kernels on this device."""
+    chosen = fused_kernels.for_device(device)
+    if chosen is not None:
+        return f"fused kernels: {chosen.name}"
+    why = "a CPU" if device.type != "cuda" else "liger-kernel or Triton is not installed"
+    return f"transformers' own norm, rotary and SwiGLU ({why})"
+
+
 @contextlib.contextmanager
 def computing(model, device: torch.device, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True):
     """Everything a fast step computes under: half-precision LoRA, eval-mode dequantization, the fused kernels
