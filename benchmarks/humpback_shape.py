@@ -38,7 +38,6 @@ from hub_fixtures import _WORDS  # noqa: E402
 from packager.spec import load_spec, rating_prompt  # noqa: E402
 from pipeline.device import emulate_4090  # noqa: E402
 from pipeline.humpback import rate, seed  # noqa: E402
-from helm_server.static_engine import StaticEngine  # noqa: E402
 from pipeline.humpback.generate import encode, engine_for, generate, load, release, rows_that_fit, stage_length  # noqa: E402
 from pipeline.humpback.plan import Timed, project_stage  # noqa: E402
 from pipeline.train import plan  # noqa: E402
@@ -210,11 +209,7 @@ def main() -> int:
                 n = settings[stage]["max_new_tokens"]
                 length = stage_length(prompts[stage], n, spec.generation.context_length)
                 rows = rows_that_fit(model, device, length, wanted)
-                if half_adapters:
-                    engine = engine_for(model, tokenizer, device, spec.generation.eos_token_ids, rows, length)
-                else:
-                    engine = StaticEngine(model, tokenizer, spec.generation.eos_token_ids, device, length, rows=rows,
-                                          prefill_graphs=False, half_adapters=False)
+                engine = engine_for(model, tokenizer, device, spec.generation.eos_token_ids, rows, length, half_adapters)
                 engine_stage(engine, prompts[stage][:rows], device, max_new_tokens=2)  # warm-up
                 seconds, peak = engine_stage(engine, prompts[stage], device, **settings[stage])
                 ms = seconds / -(-args.passages // rows) / n * 1e3

@@ -118,14 +118,14 @@ def corpus_ids() -> list[int]:
     return build_tokenizer()(" ".join(_CORPUS) * 4)["input_ids"]
 
 
-def trained_weights(device: torch.device, steps: int = 300) -> tuple[dict[str, torch.Tensor], list[int]]:
+def trained_weights(device: torch.device, steps: int = 300) -> dict[str, torch.Tensor]:
     """engine_check's small model in TRAINED's shape, trained on the tiny model's corpus: its predictions are
     learned, not the near-uniform ones of random weights, so a path that computes otherwise shows in the losses."""
     from engine_check import trained_model
 
     model, _ = trained_model(device, steps, vocab_size=152064, max_position_embeddings=2048, rms_norm_eps=1e-6,
                              rope_theta=10000.0, **TRAINED)
-    return dict(model.state_dict()), corpus_ids()
+    return dict(model.state_dict())
 
 
 def probe_layers(model, run_probe, keep: int) -> plan.Probe:
@@ -190,6 +190,9 @@ def main() -> int:
         kind, at, tokens_arg = path.partition("@")
         if kind not in ("reference", *FAST) or (at and (kind == "reference" or not tokens_arg.isdigit())):
             p.error(f"--path {path!r}: each of reference, {', '.join(FAST)}; a fast one may end in @TOKENS (a number)")
+    for flag in ("steps", "pretrain_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
 
     spec, _ = load_spec(REPO / "submissions" / args.spec / "spec.toml")
     training, s = spec.training, spec.training.schedule
@@ -206,16 +209,17 @@ def main() -> int:
         emulate_4090(device, plan.cards()["target"]["memory_gib"])
     base = args.work / ("trained" if args.trained else "base")
     started = time.perf_counter()
-    weights, corpus = trained_weights(device, args.pretrain_steps) if args.trained and not (base / "config.json").is_file() else (None, None)
-    build_gptq(base, shape, args.layers, args.vocab, device, weights)
+    fresh = args.trained and not (base / "config.json").is_file()
+    build_gptq(base, shape, args.layers, args.vocab, device, trained_weights(device, args.pretrain_steps) if fresh else None)
     print(f"built {base} in {time.perf_counter() - started:.0f} s", flush=True)
 
     rng = random.Random(0)
-    corpus = corpus or corpus_ids()
+    corpus = corpus_ids() if args.trained else None
+    longest = min(s.max_length, len(corpus)) if corpus else s.max_length
     examples = []
     for _ in range(args.examples):
-        n = rng.randint(args.min_len, min(s.max_length, len(corpus) if args.trained else s.max_length))
-        if args.trained:  # a window of the text the model learned
+        n = rng.randint(args.min_len, longest)
+        if corpus:  # a window of the text the model learned
             start = rng.randrange(0, len(corpus) - n + 1)
             ids = corpus[start:start + n]
         else:

@@ -122,10 +122,13 @@ def rows_that_fit(model, device: torch.device, length: int, wanted: int) -> int:
     return rows
 
 
-def engine_for(model, tokenizer, device: torch.device, eos_ids: list[int], rows: int, length: int) -> StaticEngine:
+def engine_for(model, tokenizer, device: torch.device, eos_ids: list[int], rows: int, length: int,
+               half_adapters: bool = True) -> StaticEngine:
     """The serving engine over `rows` slots of `length` positions; prefill runs eagerly (a prompt is
-    prefilled once, a decode step is replayed hundreds of times)."""
-    return StaticEngine(model, tokenizer, eos_ids, device, length, rows=rows, prefill_graphs=False)
+    prefilled once, a decode step is replayed hundreds of times). `half_adapters=False` only to measure
+    what peft's fp32 adapter products cost (benchmarks/humpback_shape.py)."""
+    return StaticEngine(model, tokenizer, eos_ids, device, length, rows=rows, prefill_graphs=False,
+                        half_adapters=half_adapters)
 
 
 # --- generation ----------------------------------------------------------------------------
