@@ -229,13 +229,19 @@ def test_memory_and_rows_are_unchanged_after_1000_mixed_concurrent_requests(tiny
         results = []
         for rnd in range(18):  # 900 more: 1,000 in all
             results += run_concurrently(batcher, mixed_requests(rnd, 50, shared, SHORT))
+            if rnd == 8:
+                gc.collect()
+                middle = _rss_mib()
         gc.collect()
         after = _rss_mib()
     finally:
         batcher.close()
     assert not [r for r in results if isinstance(r, Exception)]
     assert len(results) == 900 and batcher.inside == 0 and sorted(engine.free) == list(range(ROWS))
-    assert after - before < 50, f"RSS grew {after - before:.0f} MiB over 900 requests"
+    # A leak grows with the requests; the allocator's arenas settle in steps (54 MiB once on a busy 2-core
+    # machine): the last 450 requests must add next to nothing, all 900 stay well bounded.
+    assert after - middle < 25, f"RSS grew {after - middle:.0f} MiB over the last 450 requests"
+    assert after - before < 100, f"RSS grew {after - before:.0f} MiB over 900 requests"
 
 
 # --- through HTTP: the spec setting, and the server's answers batched against batch 1 ----------------
