@@ -14,7 +14,7 @@ onto one RTX 4090, side by side. With fewer layers than the shape's, per-token
 time is moved to the whole model from probes with 1 and all built layers.
 
     python benchmarks/train_shape.py --vocab qwen.tiktoken --layers 40 --minutes 1 --work /tmp/t40 --emulate-4090 \
-        --path reference,fast_unfused@6144,fast@6144,fast@8192 --profile /tmp/prof
+        --path reference,fast_padded@6144,fast@6144,fast@8192 --profile /tmp/prof
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from qwen1 import gptq_quantize  # noqa: E402
 
 GROUP = 128
 FAST = {  # the fast path's variants: what `fast.Step` computes under
-    "fast": {},  # as the stage runs it: liger's fused kernels on CUDA (when installed), the one-add LoRA branch
-    "fast_unfused": {"kernels": None, "fused_lora": False},  # transformers' and peft's own elementwise code
+    "fast": {},  # as the stage runs it: packed sequences, liger's fused kernels on CUDA, the one-add LoRA branch
+    "fast_padded": {"packed": False},  # micro-batches padded to their longest row (the fast path before packing)
+    "fast_unfused": {"kernels": None, "fused_lora": False, "packed": False},  # padded, transformers' and peft's own code
     "fast_lora": {"kernels": None},  # only the one-add LoRA branch
     "fast_torch_dequant": {"eval_dequant": False},  # GPTQModel's training-mode dequantization
 }
@@ -171,7 +172,7 @@ def main() -> int:
     p.add_argument("--path", default="reference,fast",
                    help="paths measured one after the other in this process, from the same adapter and data order: "
                         "reference or a fast variant (" + ", ".join(FAST) + "), each fast one optionally @TOKENS "
-                        "(padded tokens per micro-batch)")
+                        "(tokens per micro-batch: padded ones for the padded variants)")
     p.add_argument("--min-len", type=int, default=128)
     p.add_argument("--examples", type=int, default=20000)
     p.add_argument("--emulate-4090", action="store_true")

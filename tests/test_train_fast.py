@@ -22,6 +22,7 @@ from pipeline.quantize.tiny import save_tiny_gptq
 from pipeline.train import __main__ as train
 from pipeline.train import fast
 from pipeline.train import kernels
+from pipeline.train import packing
 from conftest import TEST_DEVICE
 from tiny_world import write_world
 
@@ -43,15 +44,18 @@ def _rows(n: int, seed: int = 0, longest: int = 40) -> list[dict]:
     return rows
 
 
-def test_packing_keeps_every_row_once_under_the_budget():
+@pytest.mark.parametrize("packed", [True, False])
+def test_packing_keeps_every_row_once_under_the_budget(packed):
     lengths = [len(r["input_ids"]) for r in _rows(50)]
     for budget in (1, 40, 100, 10_000):
-        micros = fast.pack(lengths, budget)
+        micros = fast.pack(lengths, budget, packed)
         assert sorted(i for m in micros for i in m) == list(range(50))
         for m in micros:
             widths = [lengths[i] for i in m]
-            assert widths == sorted(widths, reverse=True)  # longest first: its row sets the padded width
-            assert len(m) == 1 or len(m) * widths[0] <= budget
+            assert widths == sorted(widths, reverse=True)  # longest first (padded: its row sets the width)
+            assert len(m) == 1 or (sum(widths) if packed else len(m) * widths[0]) <= budget
+    if packed:  # end to end, no padding: fewer micro-batches than padded at the same budget
+        assert len(fast.pack(lengths, 100, True)) < len(fast.pack(lengths, 100, False))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -72,14 +76,86 @@ def test_token_weights_give_the_mean_of_the_reference_micro_batches_means(batch_
 def test_collate_marks_exactly_the_reference_loss_positions():
     rows = _rows(5)
     batch = fast.collate(rows, [1.0] * 5, pad_id=0, device=torch.device("cpu"))
-    width = batch["input_ids"].shape[1]
+    width = batch["inputs"]["input_ids"].shape[1]
     want = []
     for b, r in enumerate(rows):
         want += [(b * width + t, r["labels"][t + 1]) for t in range(len(r["labels"]) - 1) if r["labels"][t + 1] != -100]
     assert list(zip(batch["where"].tolist(), batch["targets"].tolist())) == want
     assert batch["tokens"] == sum(len(r["input_ids"]) for r in rows)
     same = fast.collate([rows[0], rows[0]], [1.0, 1.0], pad_id=0, device=torch.device("cpu"))
-    assert same["attention_mask"] is None  # no padding: no mask, the causal kernels' fast case
+    assert same["inputs"]["attention_mask"] is None  # no padding: no mask, the causal kernels' fast case
+
+
+def test_packed_collate_lays_rows_end_to_end_with_their_own_positions():
+    rows = _rows(5)
+    batch = fast.collate_packed(rows, [1.0] * 5, device=torch.device("cpu"))
+    inputs = batch["inputs"]
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert inputs["input_ids"].tolist() == [[t for r in rows for t in r["input_ids"]]]
+    assert inputs["position_ids"].tolist() == [[p for n in lengths for p in range(n)]]
+    assert inputs["cu_seq_lens_q"].tolist() == [sum(lengths[:i]) for i in range(6)]
+    assert inputs["max_length_q"] == max(lengths) and batch["tokens"] == sum(lengths)
+    want, start = [], 0
+    for r in rows:
+        want += [(start + t, r["labels"][t + 1]) for t in range(len(r["labels"]) - 1) if r["labels"][t + 1] != -100]
+        start += len(r["input_ids"])
+    assert list(zip(batch["where"].tolist(), batch["targets"].tolist())) == want
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_a_packed_micro_batch_computes_what_the_padded_one_does(arch):
+    """Sequences end to end, attention within each (GQA heads, gradient checkpointing): the weighted loss and
+    every LoRA gradient as with padding and a mask; the model's own attention comes back after."""
+    model = _lora_model(arch, dropout=0.0)
+    rows = _rows(6, seed=3)
+    for r in rows:
+        r["input_ids"] = [t + 40 for t in r["input_ids"]]  # inside the 97-word vocabulary, away from the pad id
+        r["labels"] = [t if t == -100 else t + 40 for t in r["labels"]]
+    weights = [1.0 / (i + 2) for i in range(6)]
+    results = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        batch = (fast.collate_packed(rows, weights, torch.device("cpu")) if packed
+                 else fast.collate(rows, weights, pad_id=0, device=torch.device("cpu")))
+        with fast.computing(model, torch.device("cpu"), kernels=kernels.plain(), packed=packed):
+            loss = fast.forward_backward(model, batch)
+        results.append((float(loss), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}))
+    (want_loss, want), (got_loss, got) = results
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert model.config._attn_implementation != packing.NAME
+
+
+def test_packed_attention_refuses_what_it_cannot_compute():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        packing.attention(None, q, q, q, None)
+    with pytest.raises(ValueError, match="reference"):
+        packing.attention(None, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 5]), max_length_q=5, sliding_window=4)
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda" or not packing.flash_available(torch.device("cuda")),
+                    reason="torch's varlen flash attention runs on a GPU: TEST_DEVICE=cuda")
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_flash_attention_computes_what_per_sequence_attention_does_on_cuda(kv_heads):
+    lengths = [7, 130, 1, 64]
+    _, offsets, longest = packing.layout(lengths)
+    offsets = offsets.cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+    k, v = (torch.randn(sum(lengths), kv_heads, 64, device="cuda", dtype=torch.float16, generator=g).requires_grad_()
+            for _ in range(2))
+    want = packing.attend_plain(q.float(), k.float(), v.float(), offsets, 0.125)
+    want.sum().backward()
+    want_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    got = packing.attend_flash(q, k, v, offsets, longest, 0.125)
+    got.float().sum().backward()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-3)
+    for a, b in zip((q.grad, k.grad, v.grad), want_grads):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-3)
 
 
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-4, 1e-5), (torch.float16, 2e-2, 1e-3)])
@@ -203,7 +279,8 @@ def test_liger_kernels_compute_what_the_plain_code_does_on_cuda(arch):
 
 def test_liger_is_taken_on_cuda_only_and_when_installed():
     assert kernels.for_device(torch.device("cpu")) is None
-    assert fast.kernels_used(torch.device("cpu")) == "transformers' own norm, rotary and SwiGLU (a CPU)"
+    assert fast.kernels_used(torch.device("cpu")) == ("packed sequences, attention per sequence, "
+                                                      "transformers' own norm, rotary and SwiGLU (a CPU)")
     table = kernels.liger()
     assert table is None or table.name == "liger"
 

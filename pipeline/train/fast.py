@@ -8,9 +8,11 @@ keeps the recipe (the same sequences per optimizer step, the same schedule,
 the same max_length, the same loss and gradient up to rounding) and changes
 how a step is computed:
 
-1. Micro-batches by length: a group's sequences, longest first, are cut into
-   micro-batches of at most `micro_tokens` padded tokens (each padded to its
-   longest row), so a step is a few large passes instead of 32 small ones.
+1. Micro-batches by length: a group's sequences, longest first, go into
+   micro-batches of at most `micro_tokens` tokens, laid end to end without
+   padding (`packing.py`: attention stays within each sequence), so a step is a
+   few large passes instead of 32 small ones. `packed=False` pads each
+   micro-batch to its longest row instead (the previous form, for comparison).
 2. The loss is normalised as the reference normalised it: each token's
    cross-entropy is weighted by 1 / (micro-batches of the reference group x
    answer tokens of the reference micro-batch that held it). The step's loss is
@@ -40,6 +42,7 @@ from typing import Callable
 import torch
 
 from . import kernels as fused_kernels
+from . import packing
 from .plan import Probe
 
 IGNORE = -100
@@ -66,16 +69,25 @@ def answer_tokens(row: dict) -> int:
     return sum(1 for t in row["labels"][1:] if t != IGNORE)
 
 
-def pack(lengths: list[int], micro_tokens: int) -> list[list[int]]:
-    """Indices into `lengths`, longest first, cut into micro-batches of at most `micro_tokens` padded tokens
-    (rows x the first, longest row); a row longer than the budget goes alone."""
+def pack(lengths: list[int], micro_tokens: int, packed: bool = True) -> list[list[int]]:
+    """Indices into `lengths`, longest first, cut into micro-batches of at most `micro_tokens` tokens; a row longer
+    than the budget goes alone. Packed (end to end, `packing.py`): a micro-batch's tokens are the sum of its rows'
+    lengths, and each row goes into the first micro-batch with room (first fit, longest first). Padded: rows x the
+    first, longest row, and a micro-batch takes rows in order until full."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     out: list[list[int]] = []
+    used: list[int] = []
     for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= micro_tokens:
-            out[-1].append(i)
+        if packed:
+            room = next((j for j, u in enumerate(used) if u + lengths[i] <= micro_tokens), None)
         else:
-            out.append([i])
+            room = len(out) - 1 if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= micro_tokens else None
+        if room is None:
+            out.append([])
+            used.append(0)
+            room = len(out) - 1
+        out[room].append(i)
+        used[room] += lengths[i]
     return out
 
 
@@ -89,26 +101,47 @@ def token_weights(group: list[list[dict]]) -> list[float]:
     return weights
 
 
+def _answers(rows: list[dict], weights: list[float], starts: list[int]) -> tuple[torch.Tensor, ...]:
+    """The flat index of each position whose next token has a label (row r's tokens start at starts[r]), its
+    target and its weight."""
+    where, targets, w = [], [], []
+    for r, weight, start in zip(rows, weights, starts):
+        labels = torch.tensor(r["labels"][1:], dtype=torch.long)
+        keep = (labels != IGNORE).nonzero().squeeze(1)
+        where.append(keep + start)
+        targets.append(labels[keep])
+        w.append(torch.full((len(keep),), weight, dtype=torch.float32))
+    return torch.cat(where), torch.cat(targets), torch.cat(w)
+
+
 def collate(rows: list[dict], weights: list[float], pad_id: int, device: torch.device) -> dict:
-    """Right-padded ids (mask only where rows differ in length), and the answer positions: the flat index of
-    each position whose next token has a label, its target and its weight."""
+    """Right-padded ids (mask only where rows differ in length), and the answer positions (`_answers`)."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    where, targets, w = [], [], []
-    for b, (r, weight) in enumerate(zip(rows, weights)):
+    for b, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[b, :n] = torch.tensor(r["input_ids"])
         mask[b, :n] = 1
-        labels = torch.tensor(r["labels"][1:], dtype=torch.long)
-        keep = (labels != IGNORE).nonzero().squeeze(1)
-        where.append(keep + b * width)
-        targets.append(labels[keep])
-        w.append(torch.full((len(keep),), weight, dtype=torch.float32))
+    where, targets, w = _answers(rows, weights, [b * width for b in range(len(rows))])
     uneven = any(len(r["input_ids"]) != width for r in rows)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device) if uneven else None,
-            "where": torch.cat(where).to(device), "targets": torch.cat(targets).to(device),
-            "weights": torch.cat(w).to(device), "tokens": int(mask.sum())}
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device) if uneven else None}
+    return {"inputs": inputs, "where": where.to(device), "targets": targets.to(device), "weights": w.to(device),
+            "tokens": int(mask.sum())}
+
+
+def collate_packed(rows: list[dict], weights: list[float], device: torch.device) -> dict:
+    """The rows end to end in one row, each with its own positions and its boundaries (`packing.layout`), as the
+    decoder's keyword arguments for `packing.attention`; the answer positions (`_answers`)."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    positions, offsets, longest = packing.layout(lengths)
+    ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long).unsqueeze(0)
+    where, targets, w = _answers(rows, weights, offsets[:-1].tolist())
+    offsets = offsets.to(device)
+    inputs = {"input_ids": ids.to(device), "position_ids": positions.to(device), "cu_seq_lens_q": offsets,
+              "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
+    return {"inputs": inputs, "where": where.to(device), "targets": targets.to(device), "weights": w.to(device),
+            "tokens": sum(lengths)}
 
 
 # --- 2. the output layer and the loss, in chunks ----------------------------------------
@@ -225,26 +258,30 @@ AUTO = "auto"  # the kernels `fused_kernels.for_device` picks
 def kernels_used(device: torch.device) -> str:
     """What the progress line says of the fast path's kernels on this device."""
     chosen = fused_kernels.for_device(device)
+    attention = ("packed sequences, varlen flash attention" if packing.flash_available(device)
+                 else "packed sequences, attention per sequence")
     if chosen is not None:
-        return f"fused kernels: {chosen.name}"
+        return f"{attention}, fused kernels: {chosen.name}"
     why = "a CPU" if device.type != "cuda" else "liger-kernel or Triton is not installed"
-    return f"transformers' own norm, rotary and SwiGLU ({why})"
+    return f"{attention}, transformers' own norm, rotary and SwiGLU ({why})"
 
 
 @contextlib.contextmanager
-def computing(model, device: torch.device, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True):
+def computing(model, device: torch.device, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True,
+              packed: bool = True):
     """Everything a fast step computes under: half-precision LoRA, eval-mode dequantization, the fused kernels
-    (`kernels`: a `fused_kernels.Kernels`, None for transformers' own code, or AUTO) and the one-add LoRA branch."""
+    (`kernels`: a `fused_kernels.Kernels`, None for transformers' own code, or AUTO), the one-add LoRA branch and,
+    for packed micro-batches, attention within each sequence."""
     chosen = fused_kernels.for_device(device) if kernels == AUTO else kernels
-    with half_precision_lora(model, eval_dequant), fused_kernels.fused(model, chosen, fused_lora):
+    within = packing.within_sequences(model) if packed else contextlib.nullcontext()
+    with half_precision_lora(model, eval_dequant), fused_kernels.fused(model, chosen, fused_lora), within:
         yield
 
 
 def forward_backward(model, batch: dict) -> torch.Tensor:
-    """One packed micro-batch: hidden states, the chunked loss over its answer tokens, backward; the weighted loss."""
+    """One micro-batch: hidden states, the chunked loss over its answer tokens, backward; the weighted loss."""
     causal = model.get_base_model()
-    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state
+    hidden = causal.get_decoder()(**batch["inputs"], use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])[batch["where"]]
     with torch.autocast(hidden.device.type, enabled=False):
         loss = linear_cross_entropy(hidden, causal.get_output_embeddings().weight, batch["targets"], batch["weights"])
@@ -252,28 +289,29 @@ def forward_backward(model, batch: dict) -> torch.Tensor:
     return loss.detach()
 
 
-def micro_batches(group: list[list[dict]], pad_id: int, device: torch.device, micro_tokens: int):
+def micro_batches(group: list[list[dict]], pad_id: int, device: torch.device, micro_tokens: int, packed: bool = True):
     """The group's rows, with their token weights, regrouped by length; collated one at a time."""
     rows = [r for micro in group for r in micro]
     weights = token_weights(group)
-    for ids in pack([len(r["input_ids"]) for r in rows], micro_tokens):
-        yield collate([rows[i] for i in ids], [weights[i] for i in ids], pad_id, device)
+    for ids in pack([len(r["input_ids"]) for r in rows], micro_tokens, packed):
+        chosen, w = [rows[i] for i in ids], [weights[i] for i in ids]
+        yield collate_packed(chosen, w, device) if packed else collate(chosen, w, pad_id, device)
 
 
 class Step:
     """The fast path's optimizer step, called by `loop.train` with a group of reference micro-batches (rows)."""
 
     def __init__(self, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS, eval_dequant: bool = True,
-                 kernels=AUTO, fused_lora: bool = True):
-        self.pad_id, self.device, self.micro_tokens = pad_id, device, micro_tokens
-        self.how = {"eval_dequant": eval_dequant, "kernels": kernels, "fused_lora": fused_lora}
+                 kernels=AUTO, fused_lora: bool = True, packed: bool = True):
+        self.pad_id, self.device, self.micro_tokens, self.packed = pad_id, device, micro_tokens, packed
+        self.how = {"eval_dequant": eval_dequant, "kernels": kernels, "fused_lora": fused_lora, "packed": packed}
 
     def __call__(self, model, optimizer, scheduler, group: list[list[dict]], max_grad_norm: float | None,
                  dropped: Callable[[], bool] = lambda: False) -> tuple[float, float] | None:
         """Accumulate the group, clip, step; return (loss as the reference computed it, learning rate used).
         `dropped` as in `loop.optimizer_step`: asked between micro-batches; when it says so, nothing is updated (None)."""
         lr = scheduler.get_last_lr()[0]
-        batches = list(micro_batches(group, self.pad_id, self.device, self.micro_tokens))
+        batches = list(micro_batches(group, self.pad_id, self.device, self.micro_tokens, self.packed))
         total = None
         with computing(model, self.device, **self.how):
             for n, batch in enumerate(batches, 1):
@@ -291,7 +329,7 @@ class Step:
 
 
 def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS,
-          groups: int = 1, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True) -> Probe:
+          groups: int = 1, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True, packed: bool = True) -> Probe:
     """As `loop.probe` for this path: forward + backward on the fullest micro-batch of the longest examples (the
     memory peak), then `groups` accumulation groups of epoch 0's order (the rate); gradients discarded, RNG put back."""
     from .loop import epoch_order, measured
@@ -299,22 +337,24 @@ def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.devi
 
     longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     width = len(examples[longest[0]]["input_ids"])
-    fullest = [[examples[i]] for i in longest[: max(1, micro_tokens // width)]]
+    candidates = longest[:512]  # enough to fill a micro-batch
+    fullest = [[examples[candidates[i]]] for i in pack([len(examples[i]["input_ids"]) for i in candidates],
+                                                      micro_tokens, packed)[0]]
     micros = reference_micros(epoch_order(len(examples), 0, schedule.seed), schedule.batch_size)
     acc = schedule.gradient_accumulation
     timed = [[[examples[i] for i in ids] for ids in micros[g * acc : (g + 1) * acc]] for g in range(groups)]
 
     def peak() -> None:
-        for batch in micro_batches(fullest, pad_id, device, micro_tokens):
+        for batch in micro_batches(fullest, pad_id, device, micro_tokens, packed):
             forward_backward(model, batch)
 
     def rate() -> int:
         tokens = 0
         for group in timed:
-            for batch in micro_batches(group, pad_id, device, micro_tokens):
+            for batch in micro_batches(group, pad_id, device, micro_tokens, packed):
                 forward_backward(model, batch)
                 tokens += batch["tokens"]
         return tokens
 
-    with computing(model, device, eval_dequant, kernels, fused_lora):
+    with computing(model, device, eval_dequant, kernels, fused_lora, packed):
         return measured(model, device, peak, rate, width)
