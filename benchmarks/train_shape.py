@@ -44,6 +44,7 @@ GROUP = 128
 FAST = {  # the fast path's variants: what `fast.Step` computes under
     "fast": {},  # as the stage runs it: packed sequences, liger's fused kernels on CUDA, the one-add LoRA branch
     "fast_padded": {"packed": False},  # micro-batches padded to their longest row (the fast path before packing)
+    "fast_half_lora_grads": {"lora_grads32": False},  # the adapter's gradients rounded to fp16 (before _LoraProducts)
     "fast_unfused": {"kernels": None, "fused_lora": False, "packed": False},  # padded, transformers' and peft's own code
     "fast_lora": {"kernels": None},  # only the one-add LoRA branch
     "fast_torch_dequant": {"eval_dequant": False},  # GPTQModel's training-mode dequantization

@@ -98,18 +98,66 @@ def _vanilla_lora(layer) -> str | None:
     return name
 
 
-def lora_forward(layer, name: str) -> Callable:
+_OUT_DTYPE_MM: dict[str, bool] = {}  # device type -> whether torch.mm takes out_dtype there (CUDA, torch >= 2.8)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: half-precision inputs on the tensor cores where torch offers out_dtype, else in
+    fp32. A gradient product written in fp16 loses its small entries (below 6e-5 fp16 is subnormal)."""
+    if a.dtype in (torch.float16, torch.bfloat16) and _OUT_DTYPE_MM.get(a.device.type, True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM[a.device.type] = False
+    return torch.mm(a.float(), b.float())
+
+
+class _LoraProducts(torch.autograd.Function):
+    """base + (x @ A^T * scaling) @ B^T in x's dtype, one add (addmm); the gradients of A and B in fp32, as peft's
+    fp32 branch computes them (the reference path), not rounded to half precision on the way."""
+
+    @staticmethod
+    def forward(ctx, base, x, a, b, scaling: float):
+        a_half, b_half = a.to(x.dtype), b.to(x.dtype)
+        mid = (x @ a_half.t()) * scaling
+        ctx.save_for_backward(x, mid, a, b)
+        ctx.scaling = scaling
+        return torch.addmm(base, mid, b_half.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mid, a, b = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_mid = _mm32(grad, b.to(grad.dtype)) * ctx.scaling   # d loss / d (x @ A^T), fp32 [N, r]
+            grad_b = _mm32(grad.t(), mid)                             # [out, r]
+            # grad_mid to half for the products with x: scaled by a power of two so its largest entry sits near
+            # 2^12 (exact; no entry underflows), the fp32 product scaled back
+            top = grad_mid.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+            scale = torch.exp2((12 - torch.ceil(torch.log2(top))).clamp(-100, 100))  # all-zero (B = 0): finite
+            grad_a = _mm32((grad_mid * scale).to(x.dtype).t(), x) / scale
+            grad_x = (grad_mid.to(x.dtype) @ a.to(x.dtype)) if x.dtype != torch.float32 else grad_mid @ a
+        return grad, grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None
+
+
+def lora_forward(layer, name: str, grads32: bool = True) -> Callable:
     """base(x) + scaling * B(A(dropout(x))), as peft computes it, with the scaling on the r-wide product and the
-    sum done by the second GEMM (addmm: C + M1 @ M2): no multiply or add over the layer's output width."""
+    sum done by the second GEMM (addmm: C + M1 @ M2): no multiply or add over the layer's output width; the
+    adapter's gradients in fp32 (`_LoraProducts`; `grads32=False`: as autograd rounds them, for comparison)."""
     original = layer.forward
 
     def forward(x, *args, **kwargs):
         if args or kwargs:
             return original(x, *args, **kwargs)
         result = layer.base_layer(x)
-        a, b = layer.lora_A[name], layer.lora_B[name]
-        mid = a(layer.lora_dropout[name](x)) * layer.scaling[name]
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), mid.reshape(-1, mid.shape[-1]), b.weight.t())
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        dropped = layer.lora_dropout[name](x)
+        if not grads32:
+            mid = layer.lora_A[name](dropped) * layer.scaling[name]
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), mid.reshape(-1, mid.shape[-1]), b.t())
+            return out.reshape(result.shape).to(result.dtype)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a.dtype
+        flat = dropped.reshape(-1, dropped.shape[-1]).to(dtype)
+        out = _LoraProducts.apply(result.reshape(-1, result.shape[-1]).to(dtype), flat, a, b, layer.scaling[name])
         return out.reshape(result.shape).to(result.dtype)
 
     return forward
@@ -131,9 +179,10 @@ def _is_swiglu_mlp(m) -> bool:
 
 
 @contextlib.contextmanager
-def fused(model, kernels: Kernels | None, lora: bool = True):
+def fused(model, kernels: Kernels | None, lora: bool = True, lora_grads32: bool = True):
     """`kernels` (when given) in place of the model's RMSNorm, SwiGLU and rotary code, and (`lora`) the one-add LoRA
-    branch, for the duration of the block; every module's own forward comes back after it."""
+    branch (`lora_grads32`: see `lora_forward`), for the duration of the block; every module's own forward comes
+    back after it."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     patched: list[torch.nn.Module] = []
@@ -141,7 +190,7 @@ def fused(model, kernels: Kernels | None, lora: bool = True):
     try:
         for m in model.modules():
             if lora and isinstance(m, BaseTunerLayer) and (name := _vanilla_lora(m)) is not None:
-                m.forward = lora_forward(m, name)
+                m.forward = lora_forward(m, name, lora_grads32)
             elif kernels is not None and _is_rms_norm(m):
                 m.forward = (lambda n: lambda x: kernels.rms_norm(x, n.weight, n.variance_epsilon))(m)
             elif kernels is not None and _is_swiglu_mlp(m):
