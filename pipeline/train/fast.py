@@ -20,7 +20,8 @@ how a step is computed:
    32: the mean of per-sequence means), whatever the new grouping.
 3. LoRA in the base's half precision: the step runs under autocast (fp16 for
    an fp16 base), so the adapter products are tensor-core GEMMs on fp16 copies
-   of the fp32 master weights; gradients and optimizer state stay fp32. peft's
+   of the fp32 master weights; the adapter's gradients are written in fp32
+   (`kernels.lora_forward`), and the optimizer state stays fp32. peft's
    cast of every input to fp32 is switched off for the step. The frozen base
    computes exactly as before (its matmuls were already fp16).
 4. Linear + cross-entropy in chunks, over answer tokens only: the logits of
@@ -47,8 +48,8 @@ from .plan import Probe
 
 IGNORE = -100
 PATHS = ("fast", "reference")
-MICRO_TOKENS = 6144   # padded tokens per micro-batch: 20.6 GiB peak at Qwen-14B's 8-bit shape, r=32, fused kernels (8192:
-                      # 21.9 GiB and no faster; measured by benchmarks/train_shape.py --path fast@6144,fast@8192)
+MICRO_TOKENS = 6144   # tokens per micro-batch: 20.5 GiB peak at Qwen-14B's 8-bit shape, r=32, packed (8192: 22.0 GiB,
+                      # 3% faster in one run; benchmarks/train_shape.py --path fast@6144,fast@8192)
 CE_ROWS = 512         # answer tokens per chunk of the output layer (512 x 152,064 fp32 logits: 0.3 GiB)
 
 

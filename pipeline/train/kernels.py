@@ -13,7 +13,10 @@ of them run again when gradient checkpointing recomputes a layer.
 - `lora_forward` computes peft's vanilla LoRA branch with the scaling applied to
   the r-wide product and the add done by the second GEMM (`addmm`): the same
   dropout calls in the same order (the same masks), fewer roundings in half
-  precision (one where peft rounds the product, the scaled product and the sum).
+  precision (one where peft rounds the product, the scaled product and the sum),
+  and the adapter's gradients written in fp32 (`_LoraProducts`), as peft's fp32
+  branch has them: rounded to fp16, a 32-sequence step's small gradient entries
+  went subnormal or zero, and Lion left those weights unmoved.
 - `fused(model, kernels)` puts both in place for the duration of a step (forward
   and the backward's recomputation), and takes them away after.
 """
