@@ -135,6 +135,14 @@ def test_packed_attention_refuses_what_it_cannot_compute():
         packing.attention(None, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 5]), max_length_q=5, sliding_window=4)
 
 
+def test_varlen_attention_is_asked_as_each_torch_names_its_arguments():
+    assert packing.varlen_arguments({"window_size": 0, "scale": 0, "enable_gqa": 0}) == {
+        "causal": {"window_size": (-1, 0)}, "scale": True, "gqa": True}
+    assert packing.varlen_arguments({"is_causal": 0, "return_aux": 0}) == {  # torch 2.10
+        "causal": {"is_causal": True}, "scale": False, "gqa": False}
+    assert packing.varlen_arguments({"return_aux": 0}) is None  # unknown: attention per sequence instead
+
+
 @pytest.mark.skipif(TEST_DEVICE != "cuda" or not packing.flash_available(torch.device("cuda")),
                     reason="torch's varlen flash attention runs on a GPU: TEST_DEVICE=cuda")
 @pytest.mark.parametrize("kv_heads", [4, 2])

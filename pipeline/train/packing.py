@@ -22,6 +22,7 @@ those of the sequence alone, up to rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -53,27 +54,44 @@ def attend_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: tor
     return torch.cat(out)
 
 
+def varlen_arguments(params) -> dict | None:
+    """How this torch's `varlen_attn` is asked for causal attention and its scale (keyword names, as data), or None
+    where its signature is one this code does not know: 2.11 on take `window_size` and `scale`, 2.10 `is_causal`."""
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return {"causal": causal, "scale": "scale" in params, "gqa": "enable_gqa" in params}
+
+
+@functools.cache
 def _varlen():
-    """torch's varlen flash attention and how this torch asks for causality, or None where it is missing."""
+    """torch's varlen flash attention and `varlen_arguments` for it, or None where it is missing or unknown."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # 2.11 on / 2.10
-    return varlen_attn, causal, "enable_gqa" in params
+    how = varlen_arguments(inspect.signature(varlen_attn).parameters)
+    return (varlen_attn, how) if how is not None else None
 
 
 def attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, longest: int,
                  scale: float) -> torch.Tensor:
     """The same computation with torch's varlen flash attention (CUDA, half precision)."""
-    varlen_attn, causal, gqa = _varlen()
+    varlen_attn, how = _varlen()
+    extra = dict(how["causal"])
     if k.shape[1] != q.shape[1]:
-        if gqa:
-            causal = {**causal, "enable_gqa": True}
+        if how["gqa"]:
+            extra["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    return varlen_attn(q, k, v, offsets, offsets, longest, longest, scale=scale, **causal)
+    if how["scale"]:
+        extra["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:  # without the argument the kernel uses 1/sqrt(dim): fold the rest into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_attn(q, k, v, offsets, offsets, longest, longest, **extra)
 
 
 def flash_available(device: torch.device) -> bool:
