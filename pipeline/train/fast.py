@@ -341,8 +341,9 @@ def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.devi
     longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     width = len(examples[longest[0]]["input_ids"])
     candidates = longest[:512]  # enough to fill a micro-batch
-    fullest = [[examples[candidates[i]]] for i in pack([len(examples[i]["input_ids"]) for i in candidates],
-                                                      micro_tokens, packed)[0]]
+    lengths = [len(examples[i]["input_ids"]) for i in candidates]
+    size = (lambda m: sum(lengths[i] for i in m)) if packed else (lambda m: len(m) * lengths[m[0]])
+    fullest = [[examples[candidates[i]]] for i in max(pack(lengths, micro_tokens, packed), key=size)]
     micros = reference_micros(epoch_order(len(examples), 0, schedule.seed), schedule.batch_size)
     acc = schedule.gradient_accumulation
     timed = [[[examples[i] for i in ids] for ids in micros[g * acc : (g + 1) * acc]] for g in range(groups)]

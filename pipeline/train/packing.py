@@ -48,9 +48,9 @@ def attend_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: tor
     bounds = offsets.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        gqa = {"enable_gqa": True} if ks.shape[0] != qs.shape[0] else {}
         out.append(torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=ks.shape[0] != qs.shape[0],
-        ).transpose(0, 1))
+            qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, **gqa).transpose(0, 1))
     return torch.cat(out)
 
 
@@ -73,7 +73,10 @@ def _varlen():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    how = varlen_arguments(inspect.signature(varlen_attn).parameters)
+    try:
+        how = varlen_arguments(inspect.signature(varlen_attn).parameters)
+    except (TypeError, ValueError):  # no signature to read
+        return None
     return (varlen_attn, how) if how is not None else None
 
 
@@ -94,8 +97,11 @@ def attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: tor
     return varlen_attn(q, k, v, offsets, offsets, longest, longest, **extra)
 
 
+@functools.cache
 def flash_available(device: torch.device) -> bool:
-    return device.type == "cuda" and _varlen() is not None
+    """torch's varlen kernel is flash attention: CUDA, a build with it, an Ampere or newer card (a 4090: sm_89)."""
+    return (device.type == "cuda" and _varlen() is not None and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def attention(module, query, key, value, attention_mask, scaling: float | None = None, dropout: float = 0.0,
