@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import socket
 import threading
@@ -17,6 +19,20 @@ from packager.tiny_model import QWEN_EOS_ID, save_tiny_model
 REPO = Path(__file__).resolve().parent.parent
 # The suite runs on the CPU; TEST_DEVICE=cuda runs the server tests on a GPU machine.
 TEST_DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+
+
+def rss_mib() -> float:
+    """This process's resident memory after a collection, with glibc's free arena memory handed back
+    (`malloc_trim`): each request thread gets an arena, and what those keep free is allocator noise, not a leak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS as it stands
+        pass
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def free_port() -> int:

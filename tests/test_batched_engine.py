@@ -9,8 +9,6 @@ row is free and memory is where it was (RSS is flat from the second round of 50 
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import random
 import threading
 import time
@@ -24,6 +22,7 @@ from helm_server.deadline import Cancelled, Ticket, WaitedTooLong, unlimited
 from helm_server.engine import SamplingParams
 from helm_server.hf_engine import HFEngine
 from helm_server.static_engine import StaticEngine
+from conftest import rss_mib
 from packager.tiny_model import QWEN_EOS_ID
 
 CPU = torch.device("cpu")
@@ -208,20 +207,6 @@ def test_the_queue_is_bounded_and_a_waiting_request_past_its_deadline_never_runs
     assert batcher.inside == 0
 
 
-def _rss_mib() -> float:
-    """Resident memory after a collection, with glibc's free arena memory handed back (`malloc_trim`): each
-    request thread gets an arena, and what those keep free is allocator noise, not a leak."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS as it stands
-        pass
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 SHORT = (0, 1, 4, 8)
 
 
@@ -232,22 +217,20 @@ def test_memory_and_rows_are_unchanged_after_1000_mixed_concurrent_requests(tiny
     try:
         for rnd in (100, 101):  # warm-up: the allocator settles (RSS is flat from the second round on)
             run_concurrently(batcher, mixed_requests(rnd, 50, shared, SHORT))
-        gc.collect()
-        before = _rss_mib()
+        before = rss_mib()
         results = []
         for rnd in range(18):  # 900 more: 1,000 in all
             results += run_concurrently(batcher, mixed_requests(rnd, 50, shared, SHORT))
             if rnd == 8:
-                gc.collect()
-                middle = _rss_mib()
-        gc.collect()
-        after = _rss_mib()
+                middle = rss_mib()
+        after = rss_mib()
     finally:
         batcher.close()
     assert not [r for r in results if isinstance(r, Exception)]
     assert len(results) == 900 and batcher.inside == 0 and sorted(engine.free) == list(range(ROWS))
-    # A leak grows with the requests. RSS is read after malloc_trim (`_rss_mib`): without it glibc's per-thread
-    # arenas kept 35-54 MiB of free memory in CI runs; with it the last 450 requests added 4 MiB here, under load.
+    # A leak grows with the requests. RSS is read after malloc_trim (conftest's `rss_mib`): without it glibc's
+    # per-thread arenas kept 35-54 MiB of free memory in CI runs; with it the last 450 requests added 4 MiB here,
+    # under load.
     assert after - middle < 25, f"RSS grew {after - middle:.0f} MiB over the last 450 requests"
     assert after - before < 100, f"RSS grew {after - before:.0f} MiB over 900 requests"
 

@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from conftest import ENGINES, make_config, serving
+from conftest import ENGINES, make_config, rss_mib, serving
 from helm_requests import completion, decoding, tokenization
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
@@ -32,13 +32,6 @@ HOSTILE = [
     {"prompt": "hi", "top_p": 5e-324, "temperature": 1.0, "max_new_tokens": 2},
     {"prompt": ["not", "a", "string"]},
 ]
-
-
-def _rss_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _greedy(client, prompt: str):
@@ -105,9 +98,9 @@ def test_parallel_helm_clients_with_hostile_requests(tiny_model_dir, engine, max
                 t.join()
 
         soak(min(5.0, seconds / 4))  # warm-up: allocator and caches settle
-        before = _rss_mib()
+        before = rss_mib()
         soak(seconds)
-        after = _rss_mib()
+        after = rss_mib()
         last = {p: _greedy(client, p) for p in PROMPTS}
         assert requests.get(f"{url}/health", timeout=5).status_code == 200
 

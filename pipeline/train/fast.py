@@ -102,9 +102,9 @@ def token_weights(group: list[list[dict]]) -> list[float]:
     return weights
 
 
-def _answers(rows: list[dict], weights: list[float], starts: list[int]) -> tuple[torch.Tensor, ...]:
-    """The flat index of each position whose next token has a label (row r's tokens start at starts[r]), its
-    target and its weight."""
+def _answers(rows: list[dict], weights: list[float], starts: list[int], device: torch.device) -> dict:
+    """`where`: the flat index of each position whose next token has a label (row r's tokens start at starts[r]);
+    `targets` and `weights`: its label and its loss weight."""
     where, targets, w = [], [], []
     for r, weight, start in zip(rows, weights, starts):
         labels = torch.tensor(r["labels"][1:], dtype=torch.long)
@@ -112,7 +112,8 @@ def _answers(rows: list[dict], weights: list[float], starts: list[int]) -> tuple
         where.append(keep + start)
         targets.append(labels[keep])
         w.append(torch.full((len(keep),), weight, dtype=torch.float32))
-    return torch.cat(where), torch.cat(targets), torch.cat(w)
+    return {"where": torch.cat(where).to(device), "targets": torch.cat(targets).to(device),
+            "weights": torch.cat(w).to(device)}
 
 
 def collate(rows: list[dict], weights: list[float], pad_id: int, device: torch.device) -> dict:
@@ -124,10 +125,9 @@ def collate(rows: list[dict], weights: list[float], pad_id: int, device: torch.d
         n = len(r["input_ids"])
         ids[b, :n] = torch.tensor(r["input_ids"])
         mask[b, :n] = 1
-    where, targets, w = _answers(rows, weights, [b * width for b in range(len(rows))])
     uneven = any(len(r["input_ids"]) != width for r in rows)
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device) if uneven else None}
-    return {"inputs": inputs, "where": where.to(device), "targets": targets.to(device), "weights": w.to(device),
+    return {"inputs": inputs, **_answers(rows, weights, [b * width for b in range(len(rows))], device),
             "tokens": int(mask.sum())}
 
 
@@ -137,12 +137,11 @@ def collate_packed(rows: list[dict], weights: list[float], device: torch.device)
     lengths = [len(r["input_ids"]) for r in rows]
     positions, offsets, longest = packing.layout(lengths)
     ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long).unsqueeze(0)
-    where, targets, w = _answers(rows, weights, offsets[:-1].tolist())
+    answers = _answers(rows, weights, offsets[:-1].tolist(), device)
     offsets = offsets.to(device)
     inputs = {"input_ids": ids.to(device), "position_ids": positions.to(device), "cu_seq_lens_q": offsets,
               "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
-    return {"inputs": inputs, "where": where.to(device), "targets": targets.to(device), "weights": w.to(device),
-            "tokens": sum(lengths)}
+    return {"inputs": inputs, **answers, "tokens": sum(lengths)}
 
 
 # --- 2. the output layer and the loss, in chunks ----------------------------------------

@@ -138,7 +138,7 @@ class _LoraProducts(torch.autograd.Function):
             top = grad_mid.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
             scale = torch.exp2((12 - torch.ceil(torch.log2(top))).clamp(-100, 100))  # all-zero (B = 0): finite
             grad_a = _mm32((grad_mid * scale).to(x.dtype).t(), x) / scale
-            grad_x = (grad_mid.to(x.dtype) @ a.to(x.dtype)) if x.dtype != torch.float32 else grad_mid @ a
+            grad_x = grad_mid.to(x.dtype) @ a.to(x.dtype)
         return grad, grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None
 
 
