@@ -170,7 +170,8 @@ def batched_check(model, tokenizer, alone, device) -> bool:
         worst = max(worst, diff if ok else 0.0)
     print(f"batched: 200 requests, 4 rows ({batcher.steps} steps, up to {batcher.widest} rows) in {seconds:.1f} s: "
           f"{differing} differ from batch 1 (fp16 near ties), logprob max |diff| where the same {worst:.4f}; "
-          f"allocated {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, free rows {sorted(engine.free)}")
+          f"allocated {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, free rows {sorted(engine.free)}; prompt "
+          f"positions copied between slots {engine.copied_tokens}, {engine.batched_passes} side-by-side prefill passes")
     return (differing <= BATCH_DIFFERING * len(jobs) and worst <= LOGPROB_TOLERANCE and after - before <= 2**20
             and sorted(engine.free) == [0, 1, 2, 3])
 

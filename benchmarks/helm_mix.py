@@ -18,11 +18,13 @@ Against a running submission (`make helm-mix URL=http://127.0.0.1:8080`):
     python benchmarks/helm_mix.py --url http://127.0.0.1:8080
     python benchmarks/helm_mix.py --url http://127.0.0.1:8080 --concurrency 4   # as HELM sends them
     python benchmarks/helm_mix.py --gptq DIR --engines static,static-batch4 --concurrency 4   # batched, in process
+    python benchmarks/helm_mix.py --gptq DIR --engines static,static-batch4-serial,static-batch4 --concurrency 4
 
 `--concurrency N` keeps N requests in flight (HELM's client sends up to 4 at once; a server with
 `[server] max_batch` > 1 decodes them together; in process, `static-batchN` is the static engine with
 N cache slots behind the server's batch scheduler, and the other engines still run one request at a
-time, so both sides of the comparison are in one run). Each request is then counted for its share of the
+time, so both sides of the comparison are in one run; `static-batchN-serial` opens the requests admitted
+together one at a time with no prefix copied between slots, as the engine did before `open_all`). Each request is then counted for its share of the
 wall clock (its latency x wall / summed latencies), so the projection is of throughput.
 
 `reference` is the reference solution's server path, reimplemented: `generate(do_sample=True,
@@ -329,7 +331,7 @@ def reference_decode_rate(model, prompt_ids: list[int], new: int) -> float:
     return (timed(1 + new) - timed(1)) / new
 
 
-ENGINES = ("reference", "hf", "static", "static-noreuse")  # and static-batchN
+ENGINES = ("reference", "hf", "static", "static-noreuse")  # and static-batchN, static-batchN-serial
 
 
 def main() -> int:
@@ -353,9 +355,10 @@ def main() -> int:
                     help="with --url or the static-batchN engines: requests in flight at once (HELM sends up to 4)")
     args = ap.parse_args()
     for name in args.engines.split(","):
-        rows = name.removeprefix("static-batch")
-        if name not in ENGINES and not (rows != name and rows.isdigit() and 2 <= int(rows) <= 16):
-            ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)} or static-batchN (N cache slots, 2 to 16)")
+        rows = name.removeprefix("static-batch").removesuffix("-serial")
+        if name not in ENGINES and not (name.startswith("static-batch") and rows.isdigit() and 2 <= int(rows) <= 16):
+            ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)}, static-batchN or static-batchN-serial "
+                     "(N cache slots, 2 to 16)")
     if not 1 <= args.concurrency <= 64:
         ap.error(f"--concurrency {args.concurrency}: give 1 to 64 (HELM sends up to 4 at once)")
     if args.concurrency > 1 and not args.url and "static-batch" not in args.engines:
@@ -428,8 +431,11 @@ def on_device(args, timed, totals) -> int:
         if engine_name == "hf":
             engine = HFEngine(model, tokenizer, [EOS], device)
         elif engine_name.startswith("static-batch"):
-            rows = int(engine_name.removeprefix("static-batch"))
-            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows)
+            rows_text, _, serial = engine_name.removeprefix("static-batch").partition("-")
+            if serial not in ("", "serial") or not rows_text.isdigit():
+                raise SystemExit(f"--engines: {engine_name!r}; batched engines are static-batchN or static-batchN-serial")
+            rows = int(rows_text)
+            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows, share=not serial)
             engines[engine_name] = engine
             serves[engine_name] = in_process(engine, settings, Batcher(engine, rows, max_queue=64))
             print(f"{engine_name}: ready in {time.perf_counter() - started:.1f} s (graph capture included)")
@@ -472,6 +478,10 @@ def on_device(args, timed, totals) -> int:
         print(f"mix on {engine_name}", file=sys.stderr)
         batched = engine_name.startswith("static-batch")
         results[engine_name] = run_mix(serve, timed, args.concurrency if batched else 1)
+        if batched:
+            e = engines[engine_name]
+            print(f"{engine_name}: prompt positions reused in their slot {e.reused_tokens}, copied from another "
+                  f"{e.copied_tokens}, computed {e.prefilled_tokens}; {e.batched_passes} side-by-side prefill passes")
         if cuda:
             print(f"{engine_name}: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
                   f"{(torch.cuda.memory_allocated() - before) / 2**20:+.1f} MiB after the mix")

@@ -207,6 +207,87 @@ def test_the_queue_is_bounded_and_a_waiting_request_past_its_deadline_never_runs
     assert batcher.inside == 0
 
 
+# --- requests opened together (static engine): prefixes copied between slots, prefills side by side ------
+
+
+def run_rows(engine, opened):
+    """Decode opened rows together to their ends, as the scheduler does; their generations in order."""
+    results: list = [None] * len(opened)
+    running = list(enumerate(opened))
+    while running:
+        feeding, tokens = [], []
+        for i, row in running:
+            token = row.decoding.pick()
+            if token is None:
+                results[i] = row.result()
+                engine.close(row)
+            else:
+                feeding.append((i, row))
+                tokens.append(token)
+        running = feeding
+        if feeding:
+            engine.feed([row for _, row in feeding], tokens)
+    return results
+
+
+def words(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(200, 5000) for _ in range(n)]
+
+
+GREEDY_ECHO = SamplingParams(max_new_tokens=6, temperature=0.0, top_logprobs=2, echo_prompt=True)
+
+
+def test_requests_opened_together_get_what_each_gets_alone(tiny_model):
+    """A shared prefix, different lengths, one prompt longer than a batched chunk (several passes)."""
+    alone = make_engine("static", tiny_model, 1)
+    together = make_engine("static", tiny_model, ROWS)
+    prefix = words(1, 90)
+    prompts = [prefix + words(2, 7), prefix + words(3, 30), words(4, 300), words(5, 3)]
+    expected = [alone.generate(p, GREEDY_ECHO, never) for p in prompts]
+    got = run_rows(together, together.open_all([(p, GREEDY_ECHO, never) for p in prompts]))
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert together.batched_passes >= 1  # the 300-token prompt takes a 256-position chunk beside the others, then more
+    # the shared prefix is computed once: the second request waited one pass for the first, then copied it
+    assert together.copied_tokens == 90
+    assert together.prefilled_tokens == sum(map(len, prompts)) - 90
+    assert sorted(together.free) == list(range(ROWS))
+
+
+def test_a_prefix_another_slot_holds_is_copied_not_recomputed(tiny_model):
+    alone = make_engine("static", tiny_model, 1)
+    engine = make_engine("static", tiny_model, ROWS)
+    prefix = words(6, 120)
+    first, second = prefix + words(7, 10), prefix + words(8, 12)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, top_logprobs=3)
+    busy = engine.open(first, params, never)  # still decoding while the second arrives: its slot is read, not taken
+    copied = engine.copied_tokens
+    row = engine.open(second, params, never)
+    assert engine.copied_tokens - copied == 120 and row.state != busy.state
+    got = run_rows(engine, [busy, row])
+    assert_same(got[0], alone.generate(first, params, never))
+    assert_same(got[1], alone.generate(second, params, never))
+
+
+def test_a_request_that_cannot_run_fails_alone_among_those_opened_with_it(tiny_model):
+    engine = make_engine("static", tiny_model, ROWS)
+    ok = SamplingParams(max_new_tokens=3, temperature=0.0)
+    opened = engine.open_all([(words(9, 20), ok, never), (words(10, 398), ok, never), (words(11, 25), ok, never)])
+    assert isinstance(opened[1], ValueError) and "exceed the static cache of 400 positions" in str(opened[1])
+    results = run_rows(engine, [opened[0], opened[2]])
+    assert all(len(r.completion) == 3 for r in results)
+    assert sorted(engine.free) == list(range(ROWS))
+
+
+def test_share_off_opens_one_at_a_time_without_copies(tiny_model):
+    """The measurement switch (benchmarks/helm_mix.py `static-batchN-serial`): the behaviour before sharing."""
+    engine = StaticEngine(tiny_model, None, [QWEN_EOS_ID], CPU, 400, rows=ROWS, share=False)
+    prefix = words(12, 80)
+    run_rows(engine, engine.open_all([(prefix + words(s, 5), GREEDY_ECHO, never) for s in (13, 14, 15)]))
+    assert engine.copied_tokens == 0 and engine.batched_passes == 0 and engine.prefilled_tokens == 3 * 85
+
+
 SHORT = (0, 1, 4, 8)
 
 

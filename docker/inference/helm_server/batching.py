@@ -2,9 +2,10 @@
 
 One scheduler thread owns the model. Each turn of its loop (`Batcher._turn`):
 
-1. `admit`: waiting requests take free rows, up to `server.max_batch`; each is prefilled (prefix reuse
-   per cache slot) between two decode steps. A request whose deadline passed or whose client left
-   while waiting never runs (503 / 499, as at batch 1).
+1. `admit`: waiting requests take free rows, up to `server.max_batch`; those admitted together are
+   prefilled together (`engine.open_all`: prefix reuse and side-by-side prefill in the static engine)
+   between two decode steps. A request whose deadline passed or whose client left while waiting never
+   runs (503 / 499, as at batch 1).
 2. `pick`: every running row samples and scores its next token with its own generator, then checks
    eos, its stop sequences, its max_tokens and its ticket (deadline, disconnect).
 3. `retire`: a finished row is answered and its row freed at once.
@@ -37,7 +38,9 @@ class Busy(Exception):
 class BatchingEngine(Protocol):
     """What the scheduler needs besides `Engine`: rows opened, fed a token per step, closed."""
 
-    def open(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck): ...
+    def open_all(self, requests: list[tuple[list[int], SamplingParams, StopCheck]]) -> list:
+        """A row per request, or the exception that is that request's own."""
+        ...
 
     def feed(self, rows: list, tokens: list[torch.Tensor]) -> None: ...
 
@@ -136,13 +139,17 @@ class Batcher:
         return admitted
 
     def _turn(self, admitted: list[Job]) -> None:
-        for job in admitted:  # prefill between two decode steps
+        if admitted:  # prefilled together, between two decode steps
             try:
-                job.row = self.engine.open(job.prompt_ids, job.params, job.should_stop)
-            except Exception as e:  # noqa: BLE001 - the request's own failure (422/500), not the batch's
-                self._answer(job, error=e)
-                continue
-            self.running.append(job)
+                opened = self.engine.open_all([(job.prompt_ids, job.params, job.should_stop) for job in admitted])
+            except Exception as e:  # noqa: BLE001 - an engine that failed them all: each is answered, never lost
+                opened = [e] * len(admitted)
+            for job, row in zip(admitted, opened):
+                if isinstance(row, BaseException):  # the request's own failure (422/500), not the batch's
+                    self._answer(job, error=row)
+                else:
+                    job.row = row
+                    self.running.append(job)
         feeding, tokens = [], []
         for job in self.running:
             try:

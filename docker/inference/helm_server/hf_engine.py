@@ -375,6 +375,16 @@ class HFEngine(Tokenizing):
                             should_stop)
         return Row(decoding, prompt_scored, cache)
 
+    def open_all(self, requests: list[tuple[list[int], SamplingParams, StopCheck]]) -> list[Row | Exception]:
+        """`open` each in turn (a dynamic cache per row): a row, or that request's own error."""
+        opened: list[Row | Exception] = []
+        for prompt_ids, params, should_stop in requests:
+            try:
+                opened.append(self.open(prompt_ids, params, should_stop))
+            except Exception as e:  # noqa: BLE001 - returned: the scheduler answers it to its request
+                opened.append(e)
+        return opened
+
     @torch.inference_mode()
     def feed(self, rows: list[Row], tokens: list[torch.Tensor]) -> None:
         """One step: each row's token in, its next logits out. Rows keep their own dynamic caches, of

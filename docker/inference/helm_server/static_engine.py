@@ -15,11 +15,16 @@ position still yields its logits (for echo scoring, and when the whole prompt
 is cached).
 
 Read top to bottom: `forward` (one pass over cached positions), `Steps` (its fixed
-shapes, captured as CUDA graphs), `prefill`, `decode_one_token`, then `StaticEngine.generate`.
+shapes, captured as CUDA graphs), `decode_one_token`, then `StaticEngine.generate` and `open_all`
+(which prefills).
 
 Batching (`[server] max_batch` > 1): the cache holds a slot per batch row (`Slots`), each slot keeps
 its own previous request for prefix reuse, and `forward_rows`/`BatchSteps` run one decode step for
-every slot at once; a request alone in the batch still takes its slot's batch-1 step.
+every slot at once; a request alone in the batch still takes its slot's batch-1 step. Requests that
+arrive together are opened together (`StaticEngine.open_all`): a prefix another slot holds is copied,
+not recomputed (`copy_positions`); a request that shares a long prefix with another one arriving with
+it waits for that one's prefill and copies it (`plan_waves`); the rest are prefilled side by side,
+a chunk of each per pass (`PrefillSteps`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ SMALLEST_BUCKET = 256  # steps attend over 256, 512, ... cache positions, the la
 # Prefill chunk lengths captured as graphs; a chunk is padded up to the next one (short suffixes after a
 # reused few-shot prefix are the common case).
 PREFILL_SIZES = (16, 32, 64, 128, 192, 256, 384, 512)
+BATCH_PREFILL_TOKENS = 1024  # rows x chunk positions in one batched prefill pass: bounds its activation memory
+COPY_MIN = 16  # a prefix held by another slot is copied when it saves at least this many positions of prefill
+WAIT_MIN = 64  # a request waits one pass for a neighbour's prefill when it would then copy this many more positions
 
 
 class UnsupportedModel(RuntimeError):
@@ -87,33 +95,40 @@ class Weights:
 class Cache:
     """Keys and values of every layer, and the final hidden state, for `length` positions: one slot."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], hidden: torch.Tensor) -> None:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], hidden: torch.Tensor,
+                 length: int | None = None) -> None:
         self.keys, self.values, self.hidden = keys, values, hidden  # keys[layer]: [1, kv_heads, length, head_dim]
-        self.length = hidden.shape[0]
+        self.length = hidden.shape[0] if length is None else length  # positions a request may use
         self.tokens: list[int] = []  # tokens whose keys, values and hidden states are valid, from position 0
 
 
 class Slots:
-    """The static cache of `rows` slots, one per batch row, allocated once: [rows, kv_heads, length, head_dim]
-    per layer. Each slot is a `Cache` over views of its row, so a batch-1 step and a batched step write
-    the same memory; with one row this is exactly one slot's cache."""
+    """The static cache of `rows` slots, one per batch row, allocated once: [rows, kv_heads, length + 1,
+    head_dim] per layer. Each slot is a `Cache` over views of its row, so a batch-1 step and a batched step
+    write the same memory; with one row this is exactly one slot's cache.
+
+    Position `length` of every slot (`scratch`) belongs to no request: a batched step's filler (a slot
+    without a running request, a row or chunk padded to a captured shape) writes there, and no step
+    ever attends to it (attention reads at most the first `length` positions).
+    """
 
     def __init__(self, w: Weights, rows: int, length: int, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        shape = (rows, w.kv_heads, length, w.head_dim)
+        shape = (rows, w.kv_heads, length + 1, w.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in w.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in w.layers]
-        self.hidden = torch.zeros(rows, length, hidden, dtype=dtype, device=device)
-        self.length = length
-        self.caches = [Cache([k[r : r + 1] for k in self.keys], [v[r : r + 1] for v in self.values], self.hidden[r])
-                       for r in range(rows)]
+        self.hidden = torch.zeros(rows, length + 1, hidden, dtype=dtype, device=device)
+        self.length = self.scratch = length
+        self.caches = [Cache([k[r : r + 1] for k in self.keys], [v[r : r + 1] for v in self.values], self.hidden[r],
+                             length) for r in range(rows)]
 
 
 def slot_bytes(config, length: int, itemsize: int) -> int:
-    """Memory of one `Slots` row: keys and values of every layer plus the final hidden states, `length` positions."""
+    """Memory of one `Slots` row: keys and values of every layer plus the final hidden states, `length` positions
+    and the scratch one."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim + config.hidden_size
-    return per_position * length * itemsize
+    return per_position * (length + 1) * itemsize
 
 
 def unwrap(model) -> torch.nn.Module:
@@ -247,28 +262,44 @@ def forward(w: Weights, cache: Cache, rope: tuple[torch.Tensor, torch.Tensor], i
 
 
 def forward_rows(w: Weights, slots: Slots, rope: tuple[torch.Tensor, torch.Tensor], ids: torch.Tensor,
-                 positions: torch.Tensor, keys: int) -> torch.Tensor:
-    """One token per slot: row r's `ids[r]` at `positions[r]` of slot r, attending to that slot's first
-    `keys` positions at or before it. `forward` for a batch of one-token rows; returns [rows, hidden]."""
-    rows = ids.shape[0]
-    cos, sin = rope[0][positions][:, None, None], rope[1][positions][:, None, None]
-    mask = (torch.arange(keys, device=ids.device)[None, :] <= positions[:, None])[:, None, None, :]
-    every = torch.arange(rows, device=ids.device)
-    x = w.embed(ids)[:, None]
+                 positions: torch.Tensor, slot_of: torch.Tensor, keys: int, every_slot: bool = False) -> torch.Tensor:
+    """Rows of tokens, each in its own slot: row r's `ids[r]` at `positions[r]` of slot `slot_of[r]`, attending to
+    that slot's first `keys` positions at or before each token. `forward` for a batch; returns [rows, tokens, hidden].
+
+    `every_slot`: row r is slot r, every slot once (the decode step): attention reads the cache in place.
+    Otherwise the rows' slots are gathered, up to `keys` positions (a batched prefill pass: a few rows).
+    """
+    rows, n = ids.shape
+    cos, sin = rope[0][positions][:, None], rope[1][positions][:, None]
+    mask = (torch.arange(keys, device=ids.device)[None, None, :] <= positions[:, :, None])[:, None]
+    where = slot_of[:, None].expand(rows, n)
+    x = w.embed(ids)
     for layer, k_cache, v_cache in zip(w.layers, slots.keys, slots.values):
         h = rms_norm(x, layer.attn_norm)
-        qkv = layer.qkv(h).view(rows, 1, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
+        qkv = layer.qkv(h).view(rows, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
         qk = rotate(qkv[:, : w.heads + w.kv_heads], cos, sin)
         q, k, v = qk[:, : w.heads], qk[:, w.heads :], qkv[:, w.heads + w.kv_heads :]
-        k_cache[every, :, positions] = k[:, :, 0]
-        v_cache[every, :, positions] = v[:, :, 0]
-        a = F.scaled_dot_product_attention(q, k_cache[:, :, :keys], v_cache[:, :, :keys], attn_mask=mask,
-                                           scale=w.scaling, enable_gqa=w.kv_heads != w.heads)
-        x = x + layer.o(a.transpose(1, 2).reshape(rows, 1, w.heads * w.head_dim))
+        k_cache[where, :, positions] = k.transpose(1, 2)
+        v_cache[where, :, positions] = v.transpose(1, 2)
+        k_read, v_read = k_cache[:, :, :keys], v_cache[:, :, :keys]
+        if not every_slot:
+            k_read, v_read = k_read.index_select(0, slot_of), v_read.index_select(0, slot_of)
+        a = F.scaled_dot_product_attention(q, k_read, v_read, attn_mask=mask, scale=w.scaling,
+                                           enable_gqa=w.kv_heads != w.heads)
+        x = x + layer.o(a.transpose(1, 2).reshape(rows, n, w.heads * w.head_dim))
         x = x + layer.mlp(rms_norm(x, layer.mlp_norm))
-    hidden = rms_norm(x, w.norm)[:, 0]
-    slots.hidden[every, positions] = hidden
+    hidden = rms_norm(x, w.norm)
+    slots.hidden[where, positions] = hidden
     return hidden
+
+
+def copy_positions(slots: Slots, source: int, target: int, begin: int, end: int) -> None:
+    """Positions begin..end-1 of slot `source` into slot `target`: keys, values and final hidden states.
+    A device copy of what a prefill of those positions would compute (up to the rounding of its chunking)."""
+    for k_cache, v_cache in zip(slots.keys, slots.values):
+        k_cache[target, :, begin:end] = k_cache[source, :, begin:end]
+        v_cache[target, :, begin:end] = v_cache[source, :, begin:end]
+    slots.hidden[target, begin:end] = slots.hidden[source, begin:end]
 
 
 def shared_prefix(cached: list[int], prompt: list[int]) -> int:
@@ -287,6 +318,35 @@ def buckets(length: int) -> list[int]:
         sizes.append(size)
         size *= 2
     return sizes + [length]
+
+
+def row_counts(rows: int) -> list[int]:
+    """Row counts a batched prefill pass is captured for: powers of two from 2, then every slot."""
+    counts, count = [], 2
+    while count < rows:
+        counts.append(count)
+        count *= 2
+    return counts + [rows] if rows > 1 else []
+
+
+def capture(graphs: dict, shapes: list, run: Callable, what: str) -> None:
+    """Capture `run(*shape)` for every shape as a CUDA graph into `graphs`, all sharing one memory pool
+    (warmed up first: kernels chosen, workspaces allocated; the largest shape first sizes the pool)."""
+    started = time.perf_counter()
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for shape in shapes:
+            run(*shape)
+    torch.cuda.current_stream().wait_stream(stream)
+    for shape in sorted(shapes, reverse=True):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = run(*shape)
+        graphs[shape] = (graph, out)
+    torch.cuda.synchronize()
+    log.info("static engine: %d CUDA graphs captured (%s) in %.1f s", len(shapes), what, time.perf_counter() - started)
 
 
 class Steps:
@@ -319,24 +379,9 @@ class Steps:
         return [(n, keys) for n in tokens for keys in self.buckets if keys >= n]
 
     def _capture(self) -> None:
-        """Capture every shape (warmed up first: kernels chosen, workspaces allocated), sharing one pool."""
-        started = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for n, keys in self.shapes():
-                self._run(n, keys)
-        torch.cuda.current_stream().wait_stream(stream)
-        for n, keys in sorted(self.shapes(), reverse=True):  # largest first: the pool is sized once
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._run(n, keys)
-            self.graphs[(n, keys)] = (graph, out)
-        torch.cuda.synchronize()
+        capture(self.graphs, self.shapes(), self._run,
+                f"1-token decode and {PREFILL_SIZES}-token prefill, cache buckets {self.buckets}")
         self.cache.tokens.clear()  # warm-up and capture wrote the cache
-        log.info("static engine: %d CUDA graphs captured (1-token decode and %s-token prefill, cache buckets %s) "
-                 "in %.1f s", len(self.graphs), PREFILL_SIZES, self.buckets, time.perf_counter() - started)
 
     def _replay_or_run(self, n: int, keys: int) -> torch.Tensor | None:
         if (n, keys) in self.graphs:
@@ -364,65 +409,110 @@ class Steps:
 class BatchSteps:
     """The decode step of every slot at once (`forward_rows`), for two or more running rows.
 
-    Its shape is fixed (every slot is a row; a slot without a running request feeds a dummy token at a
-    position no cached token claims), so on CUDA it is captured once per cache bucket like `Steps`.
-    The bucket follows the running rows' positions only: a dummy row may write past it, never read.
+    Its shape is fixed (every slot is a row; a slot without a running request feeds a dummy token at its
+    scratch position), so on CUDA it is captured once per cache bucket like `Steps`. The bucket follows
+    the running rows' positions only.
     """
 
     def __init__(self, w: Weights, slots: Slots, rope, graphs: bool) -> None:
         self.w, self.slots, self.rope = w, slots, rope
         rows = len(slots.caches)
         device = slots.hidden.device
-        self.ids = torch.zeros(rows, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.full((rows, 1), slots.scratch, dtype=torch.long, device=device)  # capture: scratch only
+        self.every = torch.arange(rows, device=device)
         self.buckets = buckets(slots.length)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
-            self._capture()
+            capture(self.graphs, [(keys,) for keys in self.buckets], self._run,
+                    f"batched decode, {rows} rows, cache buckets {self.buckets}")
 
     def _run(self, keys: int) -> torch.Tensor:
-        return self.w.lm_head(forward_rows(self.w, self.slots, self.rope, self.ids, self.positions, keys))
-
-    def _capture(self) -> None:
-        started = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for keys in self.buckets:
-                self._run(keys)
-        torch.cuda.current_stream().wait_stream(stream)
-        for keys in sorted(self.buckets, reverse=True):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._run(keys)
-            self.graphs[keys] = (graph, out)
-        torch.cuda.synchronize()
-        for cache in self.slots.caches:
-            cache.tokens.clear()  # warm-up and capture wrote position 0 of every slot
-        log.info("static engine: %d batched decode graphs captured (%d rows, cache buckets %s) in %.1f s",
-                 len(self.graphs), len(self.slots.caches), self.buckets, time.perf_counter() - started)
+        hidden = forward_rows(self.w, self.slots, self.rope, self.ids, self.positions, self.every, keys,
+                              every_slot=True)
+        return self.w.lm_head(hidden[:, 0])
 
     def decode(self, ids: list[int], positions: list[int], top: int) -> torch.Tensor:
         """Row r's token ids[r] in at positions[r]; every row's next logits out [rows, vocab].
         `top` is the highest position a running row writes (it picks the cache bucket)."""
-        self.ids.copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions.copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
+        self.ids.copy_(torch.tensor(ids, dtype=torch.long)[:, None], non_blocking=True)
+        self.positions.copy_(torch.tensor(positions, dtype=torch.long)[:, None], non_blocking=True)
         keys = next(b for b in self.buckets if b > top)
-        if keys in self.graphs:
-            graph, out = self.graphs[keys]
+        if (keys,) in self.graphs:
+            graph, out = self.graphs[(keys,)]
             graph.replay()
             return out
         return self._run(keys)
 
 
-def prefill(steps: Steps, cache: Cache, prompt: list[int], start: int) -> None:
-    """Fill the cache for prompt[start:], a chunk at a time; `cache.tokens` stays true after each chunk."""
-    del cache.tokens[start:]
-    for begin in range(start, len(prompt), PREFILL_CHUNK):
-        chunk = prompt[begin : begin + PREFILL_CHUNK]
-        steps.prefill(chunk, begin)
-        cache.tokens += chunk
+@dataclass
+class Fill:
+    """One request's prefill: its slot, its prompt, and the first position still to compute."""
+
+    slot: int
+    context: list[int]
+    start: int
+
+
+class PrefillSteps:
+    """A chunk of each of several prompts in one pass (`forward_rows` over [rows, chunk]).
+
+    Side by side, a pass reads the weights once for every prompt in it: short chunks (the question after
+    a reused few-shot prefix) are bound by that read, so two to `rows` of them cost about what one does.
+    Shapes are fixed as in `Steps`: rows padded to a count of `row_counts`, chunks to a size of
+    PREFILL_SIZES (at most BATCH_PREFILL_TOKENS positions a pass); padding writes at the scratch
+    position. On CUDA each shape is captured as a CUDA graph (when `graphs`), else it runs eagerly.
+    """
+
+    def __init__(self, w: Weights, slots: Slots, rope, graphs: bool) -> None:
+        self.w, self.slots, self.rope = w, slots, rope
+        device = slots.hidden.device
+        self.ids = torch.zeros(BATCH_PREFILL_TOKENS, dtype=torch.long, device=device)
+        self.positions = torch.full((BATCH_PREFILL_TOKENS,), slots.scratch, dtype=torch.long, device=device)
+        self.slot_of = torch.zeros(len(slots.caches), dtype=torch.long, device=device)
+        self.counts = row_counts(len(slots.caches))
+        self.buckets = buckets(slots.length)
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, None]] = {}
+        if graphs and self.counts:
+            shapes = [(rows, size, keys) for rows in self.counts for size in self.sizes(rows)
+                      for keys in self.buckets if keys >= size]
+            capture(self.graphs, shapes, self._run, f"batched prefill of {self.counts} rows")
+
+    def sizes(self, rows: int) -> list[int]:
+        return [s for s in PREFILL_SIZES if rows * s <= BATCH_PREFILL_TOKENS and s <= self.slots.length]
+
+    def _run(self, rows: int, size: int, keys: int) -> None:
+        n = rows * size
+        forward_rows(self.w, self.slots, self.rope, self.ids[:n].view(rows, size),
+                     self.positions[:n].view(rows, size), self.slot_of[:rows], keys)
+
+    def prefill(self, fills: list[Fill]) -> list[int]:
+        """The next chunk of every fill (two or more) in one pass; returns how many positions each advanced."""
+        rows = next(c for c in self.counts if c >= len(fills))
+        sizes = self.sizes(rows)
+        longest = max(len(f.context) - f.start for f in fills)
+        size = next((s for s in sizes if s >= longest), sizes[-1])
+        scratch = self.slots.scratch
+        ids, positions = [[0] * size for _ in range(rows)], [[scratch] * size for _ in range(rows)]
+        slot_of = [fills[0].slot] * rows  # a padding row writes its slot's scratch position only
+        taken = []
+        for r, f in enumerate(fills):
+            n = min(len(f.context) - f.start, size)
+            ids[r][:n] = f.context[f.start : f.start + n]
+            positions[r][:n] = range(f.start, f.start + n)
+            slot_of[r] = f.slot
+            taken.append(n)
+        top = max(f.start + n for f, n in zip(fills, taken))
+        keys = next(b for b in self.buckets if b >= top)
+        count = rows * size
+        self.ids[:count].copy_(torch.tensor(ids, dtype=torch.long).view(-1), non_blocking=True)
+        self.positions[:count].copy_(torch.tensor(positions, dtype=torch.long).view(-1), non_blocking=True)
+        self.slot_of[:rows].copy_(torch.tensor(slot_of, dtype=torch.long), non_blocking=True)
+        if (rows, size, keys) in self.graphs:
+            self.graphs[(rows, size, keys)][0].replay()
+        else:
+            self._run(rows, size, keys)
+        return taken
 
 
 def decode_one_token(steps: Steps, cache: Cache, token: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -448,15 +538,16 @@ class StaticEngine(Tokenizing):
     """Generation over a static cache of `context_length` positions per slot; `rows` slots for batching.
 
     `generate` is batch 1 (today's path: the best slot for prefix reuse, its own steps). The batch
-    scheduler (`batching.py`) calls `open`, `feed` and `close`: with one running row `feed` is that
+    scheduler (`batching.py`) calls `open_all`, `feed` and `close`: with one running row `feed` is that
     slot's batch-1 step, with more the batched step over every slot.
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device, context_length: int,
                  graphs: bool | None = None, reuse: bool = True, rows: int = 1, prefill_graphs: bool = True,
-                 half_adapters: bool = True) -> None:
+                 half_adapters: bool = True, share: bool = True) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.reuse = reuse  # off only to measure what prefix reuse saves
+        self.share = share  # off only to measure: requests opened one by one, no prefix copied between slots
         self.w = weights_of(model)
         self.vocab_size = int(unwrap(model).get_output_embeddings().weight.shape[0])
         self.eos_token_ids = checked_eos(eos_token_ids, self.vocab_size)
@@ -469,14 +560,17 @@ class StaticEngine(Tokenizing):
             adapters_in(model, dtype)
         self.slots = Slots(self.w, rows, context_length, hidden, dtype, device)
         self.cache = self.slots.caches[0]
-        self.rope = rope_tables(model, context_length, dtype, device)
+        self.rope = rope_tables(model, context_length + 1, dtype, device)  # and the scratch position
         graphs = device.type == "cuda" if graphs is None else graphs
         with torch.inference_mode():
             self.slot_steps = [Steps(self.w, cache, self.rope, graphs, prefill_graphs) for cache in self.slots.caches]
             self.batch_steps = BatchSteps(self.w, self.slots, self.rope, graphs) if rows > 1 else None
+            self.prefill_steps = PrefillSteps(self.w, self.slots, self.rope, graphs and prefill_graphs) if rows > 1 else None
         self.steps = self.slot_steps[0]
         self.free = list(range(rows))  # slots no running request holds
-        self.reused_tokens = 0  # prompt tokens served from the cache, for logs and benchmarks
+        # For logs, tests and benchmarks: prompt positions served from the request's own slot, copied from
+        # another slot, computed; and prefill passes that ran several requests side by side.
+        self.reused_tokens = self.copied_tokens = self.prefilled_tokens = self.batched_passes = 0
 
     @classmethod
     def from_config(cls, config: ServeConfig, fallback: bool = False):
@@ -511,30 +605,119 @@ class StaticEngine(Tokenizing):
 
     @torch.inference_mode()
     def open(self, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Row:
-        """Take the free slot whose cached tokens share the longest prefix with the prompt, prefill the rest."""
-        context = prompt_ids or [min(self.eos_token_ids)]
+        """One request: `open_all` of one (its error raised)."""
+        opened = self.open_all([(prompt_ids, params, should_stop)])[0]
+        if isinstance(opened, BaseException):
+            raise opened
+        return opened
+
+    @torch.inference_mode()
+    def open_all(self, requests: list[tuple[list[int], SamplingParams, StopCheck]]) -> list[Row | BaseException]:
+        """Prefill requests that arrive together: each gets its row, or the error that is its own alone.
+
+        Each takes the free slot whose cached tokens share the longest prefix with its prompt (`take_slot`).
+        A longer prefix that another slot holds is copied; one that an earlier request of this call is about
+        to compute is waited for, then copied (`next_wave`); what is left of the prompts in a wave is prefilled
+        a chunk of each per pass (`prefill_together`).
+        """
+        opened: list[Row | BaseException | None] = [None] * len(requests)
+        fills: dict[int, Fill] = {}
+        for i, (prompt_ids, params, _) in enumerate(requests):
+            try:
+                fills[i] = self.take_slot(prompt_ids or [min(self.eos_token_ids)], params)
+            except Exception as e:  # noqa: BLE001 - this request's own (422): the others go on
+                opened[i] = e
+        waiting = list(fills)
+        try:
+            while waiting:
+                wave, waiting = self.next_wave(waiting, fills)
+                try:
+                    self.prefill_together([fills[i] for i in wave])
+                except Exception as e:  # noqa: BLE001 - fails the requests in this pass, not the later ones
+                    for i in wave:
+                        opened[i] = e
+                        self.free.append(fills[i].slot)
+                    continue
+                for i in wave:
+                    try:
+                        opened[i] = self.row(fills[i], *requests[i])
+                    except Exception as e:  # noqa: BLE001
+                        opened[i] = e
+                        self.free.append(fills[i].slot)
+        except BaseException:
+            for i in fills:
+                if opened[i] is None:
+                    self.free.append(fills[i].slot)
+            raise
+        return opened
+
+    def take_slot(self, context: list[int], params: SamplingParams) -> Fill:
+        """The free slot whose cached tokens share the longest prefix with `context` (slot 0 at batch 1)."""
         if len(context) + params.max_new_tokens > self.slots.length:
             raise ValueError(f"{len(context)} prompt tokens + {params.max_new_tokens} new tokens exceed the "
                              f"static cache of {self.slots.length} positions")
         if not self.free:
             raise RuntimeError(f"all {len(self.slots.caches)} cache slots are in use")
-        shared = {slot: shared_prefix(self.slots.caches[slot].tokens, context) if self.reuse else 0
-                  for slot in self.free}
-        slot = max(self.free, key=lambda s: shared[s])  # the first of the best: slot 0 at batch 1
-        cache, reused = self.slots.caches[slot], shared[slot]
+        caches = self.slots.caches
+        shared = {slot: shared_prefix(caches[slot].tokens, context) if self.reuse else 0 for slot in self.free}
+        slot = max(self.free, key=lambda s: shared[s])  # the first of the best
         self.free.remove(slot)
-        try:
-            self.reused_tokens += reused
-            prefill(self.slot_steps[slot], cache, context, reused)
-            prompt_scored = (score_cached_prompt(self.w, cache, context, params.top_logprobs)
-                             if params.echo_prompt and prompt_ids else [])
-            next_logits = self.w.lm_head(cache.hidden[len(context) - 1])
-        except BaseException:
-            self.free.append(slot)
-            raise
+        del caches[slot].tokens[shared[slot] :]  # what this request's prefill will overwrite is no longer held
+        self.reused_tokens += shared[slot]
+        return Fill(slot, context, shared[slot])
+
+    def next_wave(self, waiting: list[int], fills: dict[int, Fill]) -> tuple[list[int], list[int]]:
+        """Split `waiting` into the requests prefilled now and those that wait for a neighbour's prefill. A
+        request prefilled now first copies the longest prefix another slot holds, when that saves COPY_MIN."""
+        if not (self.reuse and self.share):
+            return waiting[:1], waiting[1:]
+        caches = self.slots.caches
+        wave, later = [], []
+        for i in waiting:
+            f = fills[i]
+            held, donor = max(((shared_prefix(c.tokens, f.context), s) for s, c in enumerate(caches) if s != f.slot),
+                              default=(0, f.slot))
+            sibling = max((shared_prefix(fills[j].context, f.context) for j in wave), default=0)
+            if sibling >= max(held, f.start) + WAIT_MIN:
+                later.append(i)
+                continue
+            if held >= f.start + COPY_MIN:
+                copy_positions(self.slots, donor, f.slot, f.start, held)
+                caches[f.slot].tokens[f.start :] = f.context[f.start : held]
+                self.copied_tokens += held - f.start
+                f.start = held
+            wave.append(i)
+        return wave, later
+
+    def prefill_together(self, fills: list[Fill]) -> None:
+        """Compute what the slots do not hold yet: a chunk of every prompt per pass (two or more side by side
+        in `PrefillSteps`, one alone in its slot's `Steps`); `tokens` stays true after every pass."""
+        caches = self.slots.caches
+        active = [f for f in fills if f.start < len(f.context)]
+        while active:
+            if len(active) > 1 and self.prefill_steps is not None:
+                taken = self.prefill_steps.prefill(active)
+                self.batched_passes += 1
+            else:
+                f = active[0]
+                taken = [min(len(f.context) - f.start, PREFILL_CHUNK)]
+                self.slot_steps[f.slot].prefill(f.context[f.start : f.start + taken[0]], f.start)
+                active = active[:1]
+            for f, n in zip(active, taken):
+                caches[f.slot].tokens += f.context[f.start : f.start + n]
+                f.start += n
+            self.prefilled_tokens += sum(taken)
+            active = [f for f in fills if f.start < len(f.context)]
+
+    def row(self, fill: Fill, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Row:
+        """A prefilled request's row: its echoed prompt scored, its first logits."""
+        cache = self.slots.caches[fill.slot]
+        prompt_scored = (score_cached_prompt(self.w, cache, fill.context, params.top_logprobs)
+                         if params.echo_prompt and prompt_ids else [])
+        next_logits = self.w.lm_head(cache.hidden[len(fill.context) - 1])
         decoding = Decoding(next_logits, params, _generator(self.device, params.seed), self._eos, self.eos_token_ids,
                             should_stop)
-        return Row(decoding, prompt_scored, slot)
+        return Row(decoding, prompt_scored, fill.slot)
 
     @torch.inference_mode()
     def feed(self, rows: list[Row], tokens: list[torch.Tensor]) -> None:
@@ -545,12 +728,7 @@ class StaticEngine(Tokenizing):
                                                         token, row.decoding.chosen[-1])
             return
         caches = self.slots.caches
-        ids, positions = [0] * len(caches), [0] * len(caches)
-        for slot in self.free:  # a dummy token just past what the slot holds: no cached token is touched
-            tokens_held = caches[slot].tokens
-            if len(tokens_held) >= self.slots.length:
-                del tokens_held[self.slots.length - 1 :]
-            positions[slot] = len(tokens_held)
+        ids, positions = [0] * len(caches), [self.slots.scratch] * len(caches)  # a slot not fed: its scratch
         for row in rows:
             ids[row.state], positions[row.state] = row.decoding.chosen[-1], len(caches[row.state].tokens)
         top = max(positions[row.state] for row in rows)
