@@ -288,6 +288,28 @@ def test_share_off_opens_one_at_a_time_without_copies(tiny_model):
     assert engine.copied_tokens == 0 and engine.batched_passes == 0 and engine.prefilled_tokens == 3 * 85
 
 
+def test_a_full_slot_beside_a_batched_step_keeps_every_cached_token(tiny_model):
+    """A slot not fed in a batched step writes its scratch position (past `length`), so a free slot whose
+    cache is full keeps all of it for the next request that shares it."""
+    from helm_server.static_engine import row_counts, slot_bytes
+
+    alone = StaticEngine(tiny_model, None, [QWEN_EOS_ID], CPU, 64)
+    engine = StaticEngine(tiny_model, None, [QWEN_EOS_ID], CPU, 64, rows=3)
+    prompt, scoring = words(16, 64), SamplingParams(max_new_tokens=0, temperature=0.0, echo_prompt=True)
+    run_rows(engine, engine.open_all([(prompt, scoring, never)]))  # echo-only scoring: the slot holds 64 of 64
+    full = [s for s, c in enumerate(engine.slots.caches) if len(c.tokens) == 64]
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, min_new_tokens=4)
+    others = engine.open_all([(words(17, 20), params, never), (words(18, 20), params, never)])
+    assert len(full) == 1 and {row.state for row in others}.isdisjoint(full)
+    run_rows(engine, others)  # batched steps: the full slot is a filler
+    reused = engine.reused_tokens
+    assert_same(run_rows(engine, engine.open_all([(prompt, scoring, never)]))[0], alone.generate(prompt, scoring, never))
+    assert engine.reused_tokens - reused == 64
+    assert row_counts(1) == [] and row_counts(4) == [2, 4] and row_counts(5) == [2, 4, 5]
+    config = tiny_model.config
+    assert engine.slots.keys[0].shape[2] == 65 and slot_bytes(config, 64, 4) == slot_bytes(config, 0, 4) * 65
+
+
 SHORT = (0, 1, 4, 8)
 
 
