@@ -37,3 +37,10 @@ def test_a_wrong_url_or_conf_is_one_clear_line():
     assert down.returncode != 0 and "is the submission running" in down.stderr and "Traceback" not in down.stderr
     missing = run("--url", "http://127.0.0.1:9", "--conf", "nope.conf")
     assert missing.returncode == 2 and "CONF=" in missing.stderr
+
+
+def test_an_unknown_engine_name_is_one_clear_line():
+    for bad in ("static-batch4-fast", "static-batch1", "static-batchX"):
+        done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--engines", f"static,{bad}"], cwd=REPO,
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and "static-batchN-serial" in done.stderr and "Traceback" not in done.stderr
