@@ -306,8 +306,45 @@ def test_a_full_slot_beside_a_batched_step_keeps_every_cached_token(tiny_model):
     assert_same(run_rows(engine, engine.open_all([(prompt, scoring, never)]))[0], alone.generate(prompt, scoring, never))
     assert engine.reused_tokens - reused == 64
     assert row_counts(1) == [] and row_counts(4) == [2, 4] and row_counts(5) == [2, 4, 5]
+    tiny = StaticEngine(tiny_model, None, [QWEN_EOS_ID], CPU, 12, rows=2)  # below the smallest chunk: each alone
+    assert tiny.prefill_steps is None and all(len(r.completion) == 2 for r in run_rows(tiny, tiny.open_all(
+        [(words(s, 8), SamplingParams(max_new_tokens=2, temperature=0.0), never) for s in (22, 23)])))
     config = tiny_model.config
     assert engine.slots.keys[0].shape[2] == 65 and slot_bytes(config, 64, 4) == slot_bytes(config, 0, 4) * 65
+
+
+def test_an_error_between_waves_returns_every_slot(tiny_model, monkeypatch):
+    engine = make_engine("static", tiny_model, ROWS)
+    prefix, calls = words(19, 80), []
+    real = engine.next_wave
+
+    def failing(waiting, fills):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a device copy failed")
+        return real(waiting, fills)
+
+    monkeypatch.setattr(engine, "next_wave", failing)
+    with pytest.raises(RuntimeError, match="device copy"):  # the first request opened, the second waits for it
+        engine.open_all([(prefix + words(s, 5), GREEDY_ECHO, never) for s in (20, 21)])
+    assert sorted(engine.free) == list(range(ROWS))
+
+
+class Interrupted(BaseException):
+    """Not an Exception: what a KeyboardInterrupt inside a step looks like to the scheduler."""
+
+
+def test_requests_admitted_into_a_failing_step_are_answered_not_left_waiting():
+    class Failing:
+        def open_all(self, requests):
+            raise Interrupted()
+
+    batcher = Batcher(Failing(), 2, max_queue=4)
+    try:
+        with pytest.raises(Interrupted):
+            batcher.submit([1, 2, 3], SamplingParams(max_new_tokens=2, temperature=0.0), never, Ticket(10))
+    finally:
+        batcher.close()
 
 
 SHORT = (0, 1, 4, 8)

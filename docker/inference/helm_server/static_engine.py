@@ -30,6 +30,7 @@ a chunk of each per pass (`PrefillSteps`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -331,7 +332,8 @@ def row_counts(rows: int) -> list[int]:
 
 def capture(graphs: dict, shapes: list, run: Callable, what: str) -> None:
     """Capture `run(*shape)` for every shape as a CUDA graph into `graphs`, all sharing one memory pool
-    (warmed up first: kernels chosen, workspaces allocated; the largest shape first sizes the pool)."""
+    (warmed up first: kernels chosen, workspaces allocated; the largest shape, by the product of its
+    sizes, first: it sizes the pool)."""
     started = time.perf_counter()
     pool = torch.cuda.graph_pool_handle()
     stream = torch.cuda.Stream()
@@ -340,7 +342,7 @@ def capture(graphs: dict, shapes: list, run: Callable, what: str) -> None:
         for shape in shapes:
             run(*shape)
     torch.cuda.current_stream().wait_stream(stream)
-    for shape in sorted(shapes, reverse=True):
+    for shape in sorted(shapes, key=math.prod, reverse=True):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             out = run(*shape)
@@ -565,7 +567,8 @@ class StaticEngine(Tokenizing):
         with torch.inference_mode():
             self.slot_steps = [Steps(self.w, cache, self.rope, graphs, prefill_graphs) for cache in self.slots.caches]
             self.batch_steps = BatchSteps(self.w, self.slots, self.rope, graphs) if rows > 1 else None
-            self.prefill_steps = PrefillSteps(self.w, self.slots, self.rope, graphs and prefill_graphs) if rows > 1 else None
+            side_by_side = rows > 1 and context_length >= PREFILL_SIZES[0]  # else each prompt alone in its slot
+            self.prefill_steps = PrefillSteps(self.w, self.slots, self.rope, graphs and prefill_graphs) if side_by_side else None
         self.steps = self.slot_steps[0]
         self.free = list(range(rows))  # slots no running request holds
         # For logs, tests and benchmarks: prompt positions served from the request's own slot, copied from
@@ -644,9 +647,11 @@ class StaticEngine(Tokenizing):
                     except Exception as e:  # noqa: BLE001
                         opened[i] = e
                         self.free.append(fills[i].slot)
-        except BaseException:
+        except BaseException:  # a copy or an interrupt: every slot taken here goes back, opened rows too
             for i in fills:
-                if opened[i] is None:
+                if isinstance(opened[i], Row):
+                    self.close(opened[i])
+                elif opened[i] is None:
                     self.free.append(fills[i].slot)
             raise
         return opened
