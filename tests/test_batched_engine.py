@@ -21,7 +21,7 @@ from helm_server.batching import Batcher, Busy
 from helm_server.deadline import Cancelled, Ticket, WaitedTooLong, unlimited
 from helm_server.engine import SamplingParams
 from helm_server.hf_engine import HFEngine
-from helm_server.static_engine import StaticEngine
+from helm_server.static_engine import StaticEngine, step_rows
 from conftest import rss_mib
 from packager.tiny_model import QWEN_EOS_ID
 
@@ -211,22 +211,14 @@ def test_the_queue_is_bounded_and_a_waiting_request_past_its_deadline_never_runs
 
 
 def run_rows(engine, opened):
-    """Decode opened rows together to their ends, as the scheduler does; their generations in order."""
+    """Decode opened rows together to their ends, as Humpback's generation does; their generations in order."""
     results: list = [None] * len(opened)
     running = list(enumerate(opened))
     while running:
-        feeding, tokens = [], []
-        for i, row in running:
-            token = row.decoding.pick()
-            if token is None:
-                results[i] = row.result()
-                engine.close(row)
-            else:
-                feeding.append((i, row))
-                tokens.append(token)
-        running = feeding
-        if feeding:
-            engine.feed([row for _, row in feeding], tokens)
+        ended, running = step_rows(engine, running)
+        for i, row in ended:
+            results[i] = row.result()
+            engine.close(row)
     return results
 
 

@@ -25,7 +25,7 @@ import torch
 
 from helm_server.engine import SamplingParams
 from helm_server.hf_engine import GPTQ_KERNELS
-from helm_server.static_engine import SMALLEST_BUCKET, StaticEngine, slot_bytes, unwrap
+from helm_server.static_engine import SMALLEST_BUCKET, StaticEngine, slot_bytes, step_rows, unwrap
 from helm_server.stopping import StopMatcher
 
 from ..train.model import load_base
@@ -155,19 +155,11 @@ def generate(engine: StaticEngine, prompts: list[list[int]], seeds: list[int], *
                 while waiting and engine.free:
                     i = waiting.popleft()
                     running.append((i, engine.open(prompts[i], params[i], matcher)))
-                feeding, tokens = [], []
-                for i, row in running:
-                    token = row.decoding.pick()
-                    if token is None:
-                        texts[i] = cut(engine.decode(row.decoding.chosen, skip_special_tokens=True), stops)
-                        engine.close(row)
-                        done(i)
-                    else:
-                        feeding.append((i, row))
-                        tokens.append(token)
-                running = feeding
-                if feeding:
-                    engine.feed([row for _, row in feeding], tokens)
+                ended, running = step_rows(engine, running)
+                for i, row in ended:
+                    texts[i] = cut(engine.decode(row.decoding.chosen, skip_special_tokens=True), stops)
+                    engine.close(row)
+                    done(i)
     finally:
         for _, row in running:
             engine.close(row)

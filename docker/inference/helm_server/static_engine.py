@@ -755,5 +755,22 @@ class StaticEngine(Tokenizing):
         row.state = None
 
 
+def step_rows(engine: StaticEngine, running: list[tuple[object, Row]]) -> tuple[list, list]:
+    """One turn of a batch run without the scheduler (Humpback's generation): every row picks its next token;
+    the rows that ended are returned for the caller to answer and close, the rest go through one `feed`.
+    Returns (ended, still running), each as the (key, row) pairs given."""
+    ended, feeding, tokens = [], [], []
+    for key, row in running:
+        token = row.decoding.pick()
+        if token is None:
+            ended.append((key, row))
+        else:
+            feeding.append((key, row))
+            tokens.append(token)
+    if feeding:
+        engine.feed([row for _, row in feeding], tokens)
+    return ended, feeding
+
+
 def _quantized(model) -> bool:
     return getattr(unwrap(model).config, "quantization_config", None) is not None
