@@ -431,11 +431,9 @@ def on_device(args, timed, totals) -> int:
         if engine_name == "hf":
             engine = HFEngine(model, tokenizer, [EOS], device)
         elif engine_name.startswith("static-batch"):
-            rows_text, _, serial = engine_name.removeprefix("static-batch").partition("-")
-            if serial not in ("", "serial") or not rows_text.isdigit():
-                raise SystemExit(f"--engines: {engine_name!r}; batched engines are static-batchN or static-batchN-serial")
-            rows = int(rows_text)
-            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows, share=not serial)
+            rows = int(engine_name.removeprefix("static-batch").removesuffix("-serial"))  # checked in main
+            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows,
+                                  share=not engine_name.endswith("-serial"))
             engines[engine_name] = engine
             serves[engine_name] = in_process(engine, settings, Batcher(engine, rows, max_queue=64))
             print(f"{engine_name}: ready in {time.perf_counter() - started:.1f} s (graph capture included)")

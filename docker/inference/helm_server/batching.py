@@ -121,7 +121,7 @@ class Batcher:
                     self._turn(admitted)
             except BaseException as e:  # noqa: BLE001 - a bug here must fail requests, never kill the scheduler
                 log.exception("batch step failed")
-                for job in self.running + [job for job in admitted if job not in self.running]:
+                for job in self.running + admitted:  # an admitted job may be running: answered once
                     if not job.done.is_set():
                         self._answer(job, error=e)
                 self.running = []

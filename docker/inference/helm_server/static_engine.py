@@ -23,7 +23,7 @@ its own previous request for prefix reuse, and `forward_rows`/`BatchSteps` run o
 every slot at once; a request alone in the batch still takes its slot's batch-1 step. Requests that
 arrive together are opened together (`StaticEngine.open_all`): a prefix another slot holds is copied,
 not recomputed (`copy_positions`); a request that shares a long prefix with another one arriving with
-it waits for that one's prefill and copies it (`plan_waves`); the rest are prefilled side by side,
+it waits for that one's prefill and copies it (`next_wave`); the rest are prefilled side by side,
 a chunk of each per pass (`PrefillSteps`).
 """
 
@@ -96,10 +96,9 @@ class Weights:
 class Cache:
     """Keys and values of every layer, and the final hidden state, for `length` positions: one slot."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], hidden: torch.Tensor,
-                 length: int | None = None) -> None:
-        self.keys, self.values, self.hidden = keys, values, hidden  # keys[layer]: [1, kv_heads, length, head_dim]
-        self.length = hidden.shape[0] if length is None else length  # positions a request may use
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], hidden: torch.Tensor, length: int) -> None:
+        self.keys, self.values, self.hidden = keys, values, hidden  # keys[layer]: [1, kv_heads, length + 1, head_dim]
+        self.length = length  # positions a request may use (the one after them is the scratch position)
         self.tokens: list[int] = []  # tokens whose keys, values and hidden states are valid, from position 0
 
 
@@ -449,18 +448,23 @@ class BatchSteps:
 
 @dataclass
 class Fill:
-    """One request's prefill: its slot, its prompt, and the first position still to compute."""
+    """One request's prefill: its slot's cache and its prompt. The cache's `tokens` are always a prefix of the
+    prompt: their count is the first position still to compute."""
 
     slot: int
+    cache: Cache
     context: list[int]
-    start: int
+
+    @property
+    def start(self) -> int:
+        return len(self.cache.tokens)
 
 
 class PrefillSteps:
     """A chunk of each of several prompts in one pass (`forward_rows` over [rows, chunk]).
 
-    Side by side, a pass reads the weights once for every prompt in it: short chunks (the question after
-    a reused few-shot prefix) are bound by that read, so two to `rows` of them cost about what one does.
+    Side by side, a pass reads the weights once for every prompt in it: chunks short enough to be bound by
+    that read cost about what one alone does (longer ones are bound by compute, side by side or not).
     Shapes are fixed as in `Steps`: rows padded to a count of `row_counts`, chunks to a size of
     PREFILL_SIZES (at most BATCH_PREFILL_TOKENS positions a pass); padding writes at the scratch
     position. On CUDA each shape is captured as a CUDA graph (when `graphs`), else it runs eagerly.
@@ -669,7 +673,7 @@ class StaticEngine(Tokenizing):
         self.free.remove(slot)
         del caches[slot].tokens[shared[slot] :]  # what this request's prefill will overwrite is no longer held
         self.reused_tokens += shared[slot]
-        return Fill(slot, context, shared[slot])
+        return Fill(slot, caches[slot], context)
 
     def next_wave(self, waiting: list[int], fills: dict[int, Fill]) -> tuple[list[int], list[int]]:
         """Split `waiting` into the requests prefilled now and those that wait for a neighbour's prefill. A
@@ -688,16 +692,14 @@ class StaticEngine(Tokenizing):
                 continue
             if held >= f.start + COPY_MIN:
                 copy_positions(self.slots, donor, f.slot, f.start, held)
-                caches[f.slot].tokens[f.start :] = f.context[f.start : held]
                 self.copied_tokens += held - f.start
-                f.start = held
+                f.cache.tokens[:] = f.context[:held]
             wave.append(i)
         return wave, later
 
     def prefill_together(self, fills: list[Fill]) -> None:
         """Compute what the slots do not hold yet: a chunk of every prompt per pass (two or more side by side
         in `PrefillSteps`, one alone in its slot's `Steps`); `tokens` stays true after every pass."""
-        caches = self.slots.caches
         active = [f for f in fills if f.start < len(f.context)]
         while active:
             if len(active) > 1 and self.prefill_steps is not None:
@@ -709,14 +711,13 @@ class StaticEngine(Tokenizing):
                 self.slot_steps[f.slot].prefill(f.context[f.start : f.start + taken[0]], f.start)
                 active = active[:1]
             for f, n in zip(active, taken):
-                caches[f.slot].tokens += f.context[f.start : f.start + n]
-                f.start += n
+                f.cache.tokens += f.context[f.start : f.start + n]
             self.prefilled_tokens += sum(taken)
             active = [f for f in fills if f.start < len(f.context)]
 
     def row(self, fill: Fill, prompt_ids: list[int], params: SamplingParams, should_stop: StopCheck) -> Row:
         """A prefilled request's row: its echoed prompt scored, its first logits."""
-        cache = self.slots.caches[fill.slot]
+        cache = fill.cache
         prompt_scored = (score_cached_prompt(self.w, cache, fill.context, params.top_logprobs)
                          if params.echo_prompt and prompt_ids else [])
         next_logits = self.w.lm_head(cache.hidden[len(fill.context) - 1])
