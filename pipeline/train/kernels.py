@@ -116,7 +116,7 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _LoraProducts(torch.autograd.Function):
-    """base + (x @ A^T * scaling) @ B^T in x's dtype, one add (addmm); the gradients of A and B in fp32, as peft's
+    """base + (x @ A^T * scaling) @ B^T in x's dtype, one add (addmm, in place in base); the gradients of A and B in fp32, as peft's
     fp32 branch computes them (the reference path), not rounded to half precision on the way."""
 
     @staticmethod
@@ -125,7 +125,8 @@ class _LoraProducts(torch.autograd.Function):
         mid = (x @ a_half.t()) * scaling
         ctx.save_for_backward(x, mid, a, b)
         ctx.scaling = scaling
-        return torch.addmm(base, mid, b_half.t())
+        ctx.mark_dirty(base)  # added into the base product's own buffer: no copy of it (nothing saved it)
+        return base.addmm_(mid, b_half.t())
 
     @staticmethod
     def backward(ctx, grad):
