@@ -319,6 +319,42 @@ def test_adapter_gradient_products_run_half_inputs_to_fp32_results_on_cuda():
     torch.testing.assert_close(got, a.half().float() @ b.half().float(), rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_layer_inputs_kept_on_the_host_give_the_checkpointed_step_exactly(arch):
+    """Offloaded checkpointing replays each layer as torch's checkpoint does: with dropout on, the same loss and
+    every LoRA gradient (the first layer's too), on the test device (on CUDA the
+    inputs go to pinned memory and back on a side stream); the model's own checkpointing comes back after."""
+    device = torch.device(TEST_DEVICE)
+    model = _lora_model(arch, dropout=0.3).to(device)
+    rows = _rows(6, seed=5)
+    weights = [1.0 / (i + 2) for i in range(6)]
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    own = [m._gradient_checkpointing_func for m in layers]
+    results = []
+    for offload in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        batch = fast.collate(rows, weights, pad_id=0, device=device)
+        with fast.computing(model, device, kernels=kernels.plain(), packed=False, offload=offload):
+            loss = fast.forward_backward(model, batch)
+        results.append((float(loss), {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}))
+    (want_loss, want), (got_loss, got) = results
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert want.keys() == got.keys() and len(got) == 2 * 7 * 2
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    first = [g for n, g in got.items() if ".layers.0." in n]
+    assert first and all(g.abs().max() > 0 for g in first)
+    assert [m._gradient_checkpointing_func for m in layers] == own
+
+
+def test_offloading_refuses_a_model_without_checkpointing():
+    model = _lora_model("qwen2", dropout=0.0, checkpointing=False)
+    with pytest.raises(ValueError, match="gradient_checkpointing = true"):
+        with fast.computing(model, torch.device("cpu"), kernels=None, packed=False, offload=True):
+            pass
+
+
 def test_liger_is_taken_on_cuda_only_and_when_installed():
     assert kernels.for_device(torch.device("cpu")) is None
     assert fast.kernels_used(torch.device("cpu")) == ("packed sequences, attention per sequence, "

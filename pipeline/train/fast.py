@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from . import kernels as fused_kernels
+from . import offload as host_offload
 from . import packing
 from .plan import Probe
 
@@ -268,13 +269,16 @@ def kernels_used(device: torch.device) -> str:
 
 @contextlib.contextmanager
 def computing(model, device: torch.device, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True,
-              packed: bool = True, lora_grads32: bool = True):
+              packed: bool = True, lora_grads32: bool = True, offload: bool = False):
     """Everything a fast step computes under: half-precision LoRA, eval-mode dequantization, the fused kernels
     (`kernels`: a `fused_kernels.Kernels`, None for transformers' own code, or AUTO), the one-add LoRA branch and,
-    for packed micro-batches, attention within each sequence (`lora_grads32`: `fused_kernels.lora_forward`)."""
+    for packed micro-batches, attention within each sequence (`lora_grads32`: `fused_kernels.lora_forward`);
+    `offload`: the checkpointed layers' inputs wait in host memory (`host_offload`)."""
     chosen = fused_kernels.for_device(device) if kernels == AUTO else kernels
     within = packing.within_sequences(model) if packed else contextlib.nullcontext()
-    with half_precision_lora(model, eval_dequant), fused_kernels.fused(model, chosen, fused_lora, lora_grads32), within:
+    on_host = host_offload.layer_inputs_on_host(model, device) if offload else contextlib.nullcontext()
+    with half_precision_lora(model, eval_dequant), fused_kernels.fused(model, chosen, fused_lora, lora_grads32), \
+            within, on_host:
         yield
 
 
@@ -302,10 +306,11 @@ class Step:
     """The fast path's optimizer step, called by `loop.train` with a group of reference micro-batches (rows)."""
 
     def __init__(self, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS, eval_dequant: bool = True,
-                 kernels=AUTO, fused_lora: bool = True, packed: bool = True, lora_grads32: bool = True):
+                 kernels=AUTO, fused_lora: bool = True, packed: bool = True, lora_grads32: bool = True,
+                 offload: bool = False):
         self.pad_id, self.device, self.micro_tokens, self.packed = pad_id, device, micro_tokens, packed
         self.how = {"eval_dequant": eval_dequant, "kernels": kernels, "fused_lora": fused_lora, "packed": packed,
-                    "lora_grads32": lora_grads32}
+                    "lora_grads32": lora_grads32, "offload": offload}
 
     def __call__(self, model, optimizer, scheduler, group: list[list[dict]], max_grad_norm: float | None,
                  dropped: Callable[[], bool] = lambda: False) -> tuple[float, float] | None:
@@ -331,7 +336,7 @@ class Step:
 
 def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS,
           groups: int = 1, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True, packed: bool = True,
-          lora_grads32: bool = True) -> Probe:
+          lora_grads32: bool = True, offload: bool = False) -> Probe:
     """As `loop.probe` for this path: forward + backward on the fullest micro-batch of the longest examples (the
     memory peak), then `groups` accumulation groups of epoch 0's order (the rate); gradients discarded, RNG put back."""
     from .loop import epoch_order, measured
@@ -359,5 +364,5 @@ def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.devi
                 tokens += batch["tokens"]
         return tokens
 
-    with computing(model, device, eval_dequant, kernels, fused_lora, packed, lora_grads32):
+    with computing(model, device, eval_dequant, kernels, fused_lora, packed, lora_grads32, offload):
         return measured(model, device, peak, rate, width)
