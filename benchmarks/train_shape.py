@@ -14,7 +14,7 @@ onto one RTX 4090, side by side. With fewer layers than the shape's, per-token
 time is moved to the whole model from probes with 1 and all built layers.
 
     python benchmarks/train_shape.py --vocab qwen.tiktoken --layers 40 --minutes 1 --work /tmp/t40 --emulate-4090 \
-        --path reference,fast_padded@6144,fast@6144,fast@8192 --profile /tmp/prof
+        --path reference,fast_resident@6144,fast_resident@8192,fast@12288,fast@16384 --profile /tmp/prof
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ from qwen1 import gptq_quantize  # noqa: E402
 
 GROUP = 128
 FAST = {  # the fast path's variants: what `fast.Step` computes under
-    "fast": {},  # as the stage runs it: packed sequences, liger's fused kernels on CUDA, the one-add LoRA branch
+    "fast": {},  # as the stage runs it: packed, liger's kernels on CUDA, the one-add LoRA branch, inputs on the host
     "fast_padded": {"packed": False},  # micro-batches padded to their longest row (the fast path before packing)
     "fast_half_lora_grads": {"lora_grads32": False},  # the adapter's gradients rounded to fp16 (before _LoraProducts)
     "fast_unfused": {"kernels": None, "fused_lora": False, "packed": False},  # padded, transformers' and peft's own code
     "fast_lora": {"kernels": None},  # only the one-add LoRA branch
     "fast_torch_dequant": {"eval_dequant": False},  # GPTQModel's training-mode dequantization
-    "fast_offload": {"offload": True},  # the checkpointed layers' inputs in host memory: bigger micro-batches
+    "fast_resident": {"offload": False},  # layer inputs kept on the GPU, 6,144-token micro-batches (before offloading)
 }
 LINEAR = {"self_attn.q_proj": ("h", "h"), "self_attn.k_proj": ("h", "h"), "self_attn.v_proj": ("h", "h"),
           "self_attn.o_proj": ("h", "h"), "mlp.gate_proj": ("h", "i"), "mlp.up_proj": ("h", "i"),
@@ -255,7 +255,7 @@ def main() -> int:
     results = []
     for path in args.path.split(","):
         kind, _, tokens_arg = path.partition("@")
-        micro_tokens = int(tokens_arg) if tokens_arg else fast.MICRO_TOKENS
+        micro_tokens = int(tokens_arg) if tokens_arg else fast.micro_tokens_for(FAST.get(kind, {}).get("offload", True))
         with torch.no_grad():
             for n, q in named:
                 q.copy_(initial[n])

@@ -184,12 +184,12 @@ def test_the_report_renders_offline_in_chromium(day, tmp_path):
 
 
 def _over_budget(tmp_path: Path) -> Path:
-    """Submission 2 for thirty epochs: about 41 h of training on one 4090 by the repository's figures."""
+    """Submission 2 for 45 epochs: about 31 h of training on one 4090 by the repository's figures."""
     folder = tmp_path / "subs" / "long"
     folder.mkdir(parents=True)
     text = (REPO / "submissions" / "submission-2" / "spec.toml").read_text()
     text = re.sub(r'(?m)^name = ".*"', 'name = "long"', text, count=1)
-    (folder / "spec.toml").write_text(re.sub(r"(?m)^epochs = \d+", "epochs = 30", text))
+    (folder / "spec.toml").write_text(re.sub(r"(?m)^epochs = \d+", "epochs = 45", text))
     return tmp_path / "subs"
 
 
@@ -200,11 +200,11 @@ def test_a_day_over_budget_is_refused_with_its_levers(tmp_path):
     assert plan.returncode != 0
     assert "OVER the 24 h day" in plan.stdout
     assert "over the challenge's 24 h" in plan.stderr and "BUDGET=ignore" in plan.stderr
-    assert re.search(r"training\.schedule\.epochs 30 -> \d+: saves [\d.]+ h \(fits the day alone\)", plan.stderr)
+    assert re.search(r"training\.schedule\.epochs 45 -> \d+: saves [\d.]+ h \(fits the day alone\)", plan.stderr)
     assert json.loads((out / "day" / "plan.json").read_text())["levers"][0]["field"] == "training.schedule.epochs"
 
     refused = make("day-long", f"SUBMISSIONS={subs}", f"OUT={out}")
-    assert refused.returncode != 0 and "training.schedule.epochs 30" in refused.stderr
+    assert refused.returncode != 0 and "training.schedule.epochs 45" in refused.stderr
     assert sorted(p.name for p in out.iterdir()) == ["day"]  # refused before any stage ran
     assert not (out / "day" / "state.json").exists()
 

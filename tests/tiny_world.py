@@ -25,7 +25,7 @@ SHORTER = {
     "max_length = 2048": "max_length = 128",
     "every = 50": "every = 4",  # stops between checkpoints are the interesting ones
     "lr = 1e-4": "lr = 2e-3",  # the loss visibly moves within a few steps
-    "passages = 21000": "passages = 24",  # the Humpback stage on a CPU: a few small shards
+    "passages = 23000": "passages = 24",  # the Humpback stage on a CPU: a few small shards
     "shard_size = 256": "shard_size = 8",
     "batch_size = 8": "batch_size = 4",  # shards of 8 in two turns of the engine's rows
     "max_new_tokens = 128": "max_new_tokens = 12",
@@ -34,7 +34,7 @@ SHORTER = {
     "max_chars = 4000": "max_chars = 1000",
     "limit = 3200": f'limit = 3200\nrepo_id = "{RATED_SEED_REPO}"',  # a seed model that rates
 }
-HUMPBACK_ONLY = {"passages = 21000", "batch_size = 8", "shard_size = 256", "max_new_tokens = 128", "max_new_tokens = 256",
+HUMPBACK_ONLY = {"passages = 23000", "batch_size = 8", "shard_size = 256", "max_new_tokens = 128", "max_new_tokens = 256",
                  "min_chars = 400", "max_chars = 4000", "limit = 3200"}  # submission 3's [training.humpback]
 
 

@@ -218,13 +218,15 @@ def train_adapter(spec, spec_sha: str, training, examples: list[dict], data_sha:
     optimizer = make_optimizer(params, training.optimizer, device)
     scheduler = make_scheduler(optimizer, total, s)
     path = fast.resolve_path(training.path, device)  # the fast path on CUDA by default; the reference elsewhere
-    how = f"{path} path" + (f", {fast.kernels_used(device)}" if path == "fast" else "")
+    offload = s.gradient_checkpointing  # the fast path keeps checkpointed layers' inputs in host memory
+    how = f"{path} path" + (f", {fast.kernels_used(device, offload)}" if path == "fast" else "")
     print(f"{spec.name}: LoRA r={training.lora.r} on {training.lora.resolved()}: "
           f"{trainable:,} trainable parameters; {total} optimizer steps on {device} ({how})", flush=True)
 
     # 2. fresh start: measure, project onto one RTX 4090, refuse over budget; resume: restore everything
     if resume is None:
-        measured = (fast.probe if path == "fast" else probe)(model, examples, s, pad_id, device)
+        measured = (fast.probe(model, examples, s, pad_id, device, offload=offload) if path == "fast"
+                    else probe(model, examples, s, pad_id, device))
         cfg = model.config
         total_tokens = s.epochs * sum(len(e["input_ids"]) for e in examples)
         estimated = plan.estimate_memory(weight_bytes(model), trainable,
@@ -254,7 +256,7 @@ def train_adapter(spec, spec_sha: str, training, examples: list[dict], data_sha:
         why = None
         if stop_at is None or position.step < stop_at:
             position, why = train(model, optimizer, scheduler, examples, s, position, pad_id, device, progress, stop_at,
-                                  requests.reason, fast.Step(pad_id, device) if path == "fast" else None)
+                                  requests.reason, fast.Step(pad_id, device, offload=offload) if path == "fast" else None)
         progress.close()
         finished = position.step >= total
         saved = progress.save(position) if position.step and not finished else None

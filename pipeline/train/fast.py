@@ -33,6 +33,9 @@ how a step is computed:
 5. Fewer elementwise kernels (`kernels.py`): liger-kernel's fused RMSNorm,
    rotary and SwiGLU on CUDA, and each LoRA branch's scaling and add folded into
    its GEMMs.
+6. Under gradient checkpointing the layers' saved inputs wait in host memory
+   (`offload.py`), so a micro-batch holds twice the tokens in the same GPU
+   memory (`MICRO_TOKENS`; `RESIDENT_MICRO_TOKENS` without offloading).
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ from .plan import Probe
 
 IGNORE = -100
 PATHS = ("fast", "reference")
-MICRO_TOKENS = 6144   # tokens per micro-batch: 20.5 GiB peak at Qwen-14B's 8-bit shape, r=32, packed (8192: 22.0 GiB,
-                      # 3% faster in one run; benchmarks/train_shape.py --path fast@6144,fast@8192)
+# Tokens per micro-batch at Qwen-14B's 8-bit shape, r=32, packed, 24 GiB cap (benchmarks/train_shape.py, 2026-12-03):
+MICRO_TOKENS = 12288           # the checkpointed layers' inputs in host memory: 20.5 GiB peak, 1.12x 6,144 resident
+RESIDENT_MICRO_TOKENS = 6144   # inputs kept on the GPU (no checkpointing, or offload off): 20.7 GiB (8,192: 22.1 GiB)
 CE_ROWS = 512         # answer tokens per chunk of the output layer (512 x 152,064 fp32 logits: 0.3 GiB)
 
 
@@ -256,11 +260,14 @@ def half_precision_lora(model, eval_dequant: bool = True):
 AUTO = "auto"  # the kernels `fused_kernels.for_device` picks
 
 
-def kernels_used(device: torch.device) -> str:
-    """What the progress line says of the fast path's kernels on this device."""
+def kernels_used(device: torch.device, offload: bool = False) -> str:
+    """What the progress line says of the fast path's kernels (and offloading) on this device."""
     chosen = fused_kernels.for_device(device)
     attention = ("packed sequences, varlen flash attention" if packing.flash_available(device)
                  else "packed sequences, attention per sequence")
+    attention = f"{micro_tokens_for(offload):,}-token micro-batches of {attention}" if offload else attention
+    if offload:
+        attention += ", checkpointed layers' inputs in host memory"
     if chosen is not None:
         return f"{attention}, fused kernels: {chosen.name}"
     why = "a CPU" if device.type != "cuda" else "liger-kernel or Triton is not installed"
@@ -302,13 +309,19 @@ def micro_batches(group: list[list[dict]], pad_id: int, device: torch.device, mi
         yield collate_packed(chosen, w, device) if packed else collate(chosen, w, pad_id, device)
 
 
+def micro_tokens_for(offload: bool) -> int:
+    """The default micro-batch: twice the tokens when the layer inputs wait in host memory."""
+    return MICRO_TOKENS if offload else RESIDENT_MICRO_TOKENS
+
+
 class Step:
     """The fast path's optimizer step, called by `loop.train` with a group of reference micro-batches (rows)."""
 
-    def __init__(self, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS, eval_dequant: bool = True,
+    def __init__(self, pad_id: int, device: torch.device, micro_tokens: int | None = None, eval_dequant: bool = True,
                  kernels=AUTO, fused_lora: bool = True, packed: bool = True, lora_grads32: bool = True,
-                 offload: bool = False):
-        self.pad_id, self.device, self.micro_tokens, self.packed = pad_id, device, micro_tokens, packed
+                 offload: bool = True):
+        self.pad_id, self.device, self.packed = pad_id, device, packed
+        self.micro_tokens = micro_tokens_for(offload) if micro_tokens is None else micro_tokens
         self.how = {"eval_dequant": eval_dequant, "kernels": kernels, "fused_lora": fused_lora, "packed": packed,
                     "lora_grads32": lora_grads32, "offload": offload}
 
@@ -334,13 +347,15 @@ class Step:
         return float(total), lr
 
 
-def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, micro_tokens: int = MICRO_TOKENS,
+def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.device, micro_tokens: int | None = None,
           groups: int = 1, eval_dequant: bool = True, kernels=AUTO, fused_lora: bool = True, packed: bool = True,
-          lora_grads32: bool = True, offload: bool = False) -> Probe:
+          lora_grads32: bool = True, offload: bool = True) -> Probe:
     """As `loop.probe` for this path: forward + backward on the fullest micro-batch of the longest examples (the
     memory peak), then `groups` accumulation groups of epoch 0's order (the rate); gradients discarded, RNG put back."""
     from .loop import epoch_order, measured
     from .loop import micro_batches as reference_micros
+
+    micro_tokens = micro_tokens_for(offload) if micro_tokens is None else micro_tokens
 
     longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     width = len(examples[longest[0]]["input_ids"])
