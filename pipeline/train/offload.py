@@ -23,6 +23,8 @@ import contextlib
 
 import torch
 
+from .swap import swapped
+
 
 class _Slot:
     """One layer input between its forward and its backward: on the host, on its way back, or back."""
@@ -130,13 +132,8 @@ def layer_inputs_on_host(model, device: torch.device):
         raise ValueError("offloading needs gradient checkpointing: the spec's [training.schedule] "
                          "gradient_checkpointing = true")
     stash = _Stash(device)
-    func = checkpoint_on_host(stash)
-    saved = [m._gradient_checkpointing_func for m in layers]
-    for m in layers:
-        m._gradient_checkpointing_func = func
     try:
-        yield
+        with swapped(layers, "_gradient_checkpointing_func", checkpoint_on_host(stash)):
+            yield
     finally:
-        for m, f in zip(layers, saved):
-            m._gradient_checkpointing_func = f
         stash.last = None  # a pass that failed before its backward leaves nothing held

@@ -27,6 +27,8 @@ import inspect
 
 import torch
 
+from .swap import swapped
+
 NAME = "packed_varlen"   # the attention implementation's name in transformers' interface
 
 
@@ -136,12 +138,5 @@ def within_sequences(model):
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, _no_mask)
     configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
-    configs = list({id(c): c for c in configs}.values())
-    saved = [c._attn_implementation for c in configs]
-    for c in configs:
-        c._attn_implementation = NAME
-    try:
+    with swapped({id(c): c for c in configs}.values(), "_attn_implementation", NAME):
         yield
-    finally:
-        for c, s in zip(configs, saved):
-            c._attn_implementation = s
