@@ -173,8 +173,11 @@ def test_the_queue_is_bounded_and_a_waiting_request_past_its_deadline_never_runs
     _, _, batching = pair
     batcher = Batcher(batching, 2, max_queue=1)
     release = Ticket(600)
-    holders = [threading.Thread(target=batcher.submit, args=(list(range(100 + i, 120 + i)), long_params(),
-                                                             lambda ids: release.should_stop(), unlimited()))
+    # each step of the two holders is slowed (10 ms per row's stop check): they keep both rows for seconds on any
+    # machine, not for their 300 tokens' own time (on a fast CPU under a second: the queued request then ran)
+    held = lambda ids: time.sleep(0.01) or release.should_stop()  # noqa: E731
+    holders = [threading.Thread(target=batcher.submit, args=(list(range(100 + i, 120 + i)), long_params(), held,
+                                                             unlimited()))
                for i in range(2)]
     short = SamplingParams(max_new_tokens=2, temperature=0.0)
     try:
