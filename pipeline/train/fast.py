@@ -265,9 +265,9 @@ def kernels_used(device: torch.device, offload: bool = False) -> str:
     chosen = fused_kernels.for_device(device)
     attention = ("packed sequences, varlen flash attention" if packing.flash_available(device)
                  else "packed sequences, attention per sequence")
-    attention = f"{micro_tokens_for(offload):,}-token micro-batches of {attention}" if offload else attention
     if offload:
-        attention += ", checkpointed layers' inputs in host memory"
+        attention = (f"{micro_tokens_for(offload):,}-token micro-batches of {attention}, "
+                     "checkpointed layers' inputs in host memory")
     if chosen is not None:
         return f"{attention}, fused kernels: {chosen.name}"
     why = "a CPU" if device.type != "cuda" else "liger-kernel or Triton is not installed"
@@ -309,8 +309,10 @@ def micro_batches(group: list[list[dict]], pad_id: int, device: torch.device, mi
         yield collate_packed(chosen, w, device) if packed else collate(chosen, w, pad_id, device)
 
 
-def micro_tokens_for(offload: bool) -> int:
-    """The default micro-batch: twice the tokens when the layer inputs wait in host memory."""
+def micro_tokens_for(offload: bool, given: int | None = None) -> int:
+    """`given`, or the default micro-batch: twice the tokens when the layer inputs wait in host memory."""
+    if given is not None:
+        return given
     return MICRO_TOKENS if offload else RESIDENT_MICRO_TOKENS
 
 
@@ -321,7 +323,7 @@ class Step:
                  kernels=AUTO, fused_lora: bool = True, packed: bool = True, lora_grads32: bool = True,
                  offload: bool = True):
         self.pad_id, self.device, self.packed = pad_id, device, packed
-        self.micro_tokens = micro_tokens_for(offload) if micro_tokens is None else micro_tokens
+        self.micro_tokens = micro_tokens_for(offload, micro_tokens)
         self.how = {"eval_dequant": eval_dequant, "kernels": kernels, "fused_lora": fused_lora, "packed": packed,
                     "lora_grads32": lora_grads32, "offload": offload}
 
@@ -355,7 +357,7 @@ def probe(model, examples: list[dict], schedule, pad_id: int, device: torch.devi
     from .loop import epoch_order, measured
     from .loop import micro_batches as reference_micros
 
-    micro_tokens = micro_tokens_for(offload) if micro_tokens is None else micro_tokens
+    micro_tokens = micro_tokens_for(offload, micro_tokens)
 
     longest = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     width = len(examples[longest[0]]["input_ids"])

@@ -116,8 +116,8 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _LoraProducts(torch.autograd.Function):
-    """base + (x @ A^T * scaling) @ B^T in x's dtype, one add (addmm, in place in base); the gradients of A and B in fp32, as peft's
-    fp32 branch computes them (the reference path), not rounded to half precision on the way."""
+    """base + (x @ A^T * scaling) @ B^T in x's dtype, one add (addmm, in place in base); the gradients of A and B
+    in fp32, as peft's fp32 branch computes them (the reference path), not rounded to half precision on the way."""
 
     @staticmethod
     def forward(ctx, base, x, a, b, scaling: float):

@@ -95,8 +95,7 @@ class _HostCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden = ctx.slot.take().detach().requires_grad_(ctx.needs_input_grad[0])
-        devices = [hidden.device] if ctx.kind == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.kind if devices else "cuda"):
+        with torch.random.fork_rng(devices=[hidden.device] if ctx.kind == "cuda" else []):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.device_rng is not None:
                 torch.cuda.set_rng_state(ctx.device_rng, hidden.device)
