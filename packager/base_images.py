@@ -19,6 +19,7 @@ class BaseImage:
     cuda: str
     python: str
     gpus: str
+    driver: str  # the oldest NVIDIA host driver its CUDA runs on ("none" for a CPU base)
 
     @property
     def tag(self) -> str | None:

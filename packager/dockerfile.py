@@ -17,6 +17,7 @@ from .spec import Spec
 
 MODELS_DIR = "/models"
 SERVER_UID = 10001  # the server's user: never root
+KERNELS_DIR = "/opt/gptq-kernels"  # helm_server/kernels.py: compiled by the image build, read-only at run time
 WORKDIR = "/submission"
 
 
@@ -53,7 +54,7 @@ WORKDIR {WORKDIR}
 # closure (installed without resolution); torch ({base.torch}) comes with the base image.
 # Wheels in ./wheelhouse/ (offline builds put the lock's wheels there) make this step offline.
 # Online, gcc and the PCRE2 headers build GPTQModel's pypcre; gcc stays, as nvcc's host
-# compiler for the Marlin kernel GPTQModel compiles at first use.
+# compiler for the kernel build below.
 RUN --mount=type=bind,source=requirements.txt,target=/tmp/build/requirements.txt \\
     --mount=type=bind,source=wheelhouse,target=/tmp/build/wheelhouse \\
     if ls /tmp/build/wheelhouse/*.whl >/dev/null 2>&1; then \\
@@ -65,7 +66,14 @@ RUN --mount=type=bind,source=requirements.txt,target=/tmp/build/requirements.txt
     fi \\
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# 2. Weights at the spec's revisions, keyed by the model references (models.json) and the
+# 2. GPTQ kernels, compiled here for the RTX 4090 (sm_89) and Hopper (sm_90), keyed by the lock and
+# helm_server/kernels.py alone: the server loads them at start and never runs a compiler (GPTQModel
+# would compile Marlin at first use: minutes inside the evaluation's clock). nvcc needs no GPU.
+# A CPU base records that it has nothing to compile.
+COPY helm_server/__init__.py helm_server/kernels.py ./helm_server/
+RUN python -m helm_server.kernels build {KERNELS_DIR}
+
+# 3. Weights at the spec's revisions, keyed by the model references (models.json) and the
 # converter: fetched once at build time; the token is a build secret. A Qwen (v1) artifact or
 # adapter is converted to the Qwen2 layout here, offline: no remote code.
 COPY models.json ./
@@ -82,18 +90,19 @@ RUN --mount=type=secret,id=hf_token,required=false \\
         if [ -s /run/secrets/hf_token ]; then echo "a hub token was provided as a build secret (unused)"; fi; \\
     fi
 
-# 3. The server and its configuration: change most often, cost nothing to rebuild.
+# 4. The server and its configuration: change most often, cost nothing to rebuild.
 COPY serve_config.json main.py MANIFEST.json ./
 COPY helm_server/ ./helm_server/
 LABEL org.llm-challenge.toolkit="packager" org.llm-challenge.submission="{spec.name}"
 ENV {" ".join(env_models)}
 
-# 4. An unprivileged user. Whatever the server writes (kernel compile and JIT caches) goes under
-# /tmp, so the container also runs with a read-only root filesystem and a tmpfs at /tmp.
+# 5. An unprivileged user. Whatever the server writes (library caches) goes under /tmp, so the
+# container also runs with a read-only root filesystem and a tmpfs at /tmp.
 RUN useradd --system --uid {SERVER_UID} --home-dir /tmp --shell /usr/sbin/nologin server
 ENV HOME=/tmp XDG_CACHE_HOME=/tmp/.cache TORCH_EXTENSIONS_DIR=/tmp/.cache/torch_extensions \\
     TRITON_CACHE_DIR=/tmp/.cache/triton HF_HOME=/tmp/.cache/huggingface \\
-    GPTQMODEL_CACHE_DIR=/tmp/.cache/gptqmodel GPTQMODEL_TORCH_EXTENSIONS_DIR=/tmp/.cache/gptqmodel/torch_extensions
+    GPTQMODEL_CACHE_DIR=/tmp/.cache/gptqmodel GPTQMODEL_TORCH_EXTENSIONS_DIR=/tmp/.cache/gptqmodel/torch_extensions \\
+    HELM_SERVER_KERNELS={KERNELS_DIR}
 USER {SERVER_UID}
 
 EXPOSE {port}

@@ -78,7 +78,8 @@ def manifest(spec: Spec, spec_sha256: str, base: BaseImage, files: dict[str, byt
                 role: {"repo_id": ref.repo_id, "revision": ref.revision, "pinned": ref.is_pinned}
                 for role, ref in spec.model_refs().items()
             },
-            "base_image": {"key": base.key, "image": base.image, "torch": base.torch, "cuda": base.cuda},
+            "base_image": {"key": base.key, "image": base.image, "torch": base.torch, "cuda": base.cuda,
+                           "driver": base.driver},
             "files": {path: hashlib.sha256(data).hexdigest() for path, data in sorted(files.items())},
         }
     )

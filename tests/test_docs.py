@@ -307,3 +307,15 @@ def test_the_checked_command_blocks_run_as_written(tmp_path):
     readme = README.read_text()
     for folder in ("dist/NAME.zip", "build/data/NAME/", "build/train/NAME/", "build/tiny-model/", "build/docs/"):
         assert folder in readme
+
+
+def test_readme_says_which_torch_ran_where():
+    """README's table against the base-image table and the pinned dev torch, so neither drifts from the other."""
+    from packager.base_images import base_image
+
+    text = README.read_text()
+    cuda, cpu = base_image("cuda-4090"), base_image("local-cpu")
+    dev = re.search(r"^torch==(\S+)$", (REPO / "requirements" / "dev.txt").read_text(), re.M).group(1)
+    assert f"| the submission image (`cuda-4090` base) | {cuda.torch}, CUDA {cuda.cuda} (host driver >= {cuda.driver})" in text
+    assert f"| the GPU machines (H100, H200) | {cuda.torch}+cu{cuda.cuda.replace('.', '')} |" in text
+    assert f"(`local-cpu` base) | {cpu.torch}, CPU |" in text and cpu.torch == dev

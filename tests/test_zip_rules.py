@@ -55,9 +55,9 @@ def test_each_rule_catches_its_failure(files, mutate, message):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel", "ARG BASE_IMAGE=pytorch/pytorch", "explicit version tag"),
-        ("ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel", "ARG BASE_IMAGE=pytorch/pytorch:latest", "explicit version tag"),
-        ("ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel", "ARG BASE_IMAGE", "no default"),
+        ("ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel", "ARG BASE_IMAGE=pytorch/pytorch", "explicit version tag"),
+        ("ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel", "ARG BASE_IMAGE=pytorch/pytorch:latest", "explicit version tag"),
+        ("ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel", "ARG BASE_IMAGE", "no default"),
         ('"--port", "80"]', '"--port", "8080"]', "port 80"),
         ('CMD ["uvicorn", "main:app"', 'CMD ["python", "main.py"', "port 80"),
         ("WORKDIR /submission", "WORKDIR /submission\nENV HUGGING_FACE_HUB_TOKEN=abc", "use a BuildKit secret"),
@@ -71,7 +71,7 @@ def test_dockerfile_rules(files, old, new, message):
 
 def test_digest_pinned_base_image_is_accepted(files):
     pinned = "ARG BASE_IMAGE=pytorch/pytorch@sha256:" + "a" * 64
-    assert checks.problems(dockerfile_with(files, "ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel", pinned)) == []
+    assert checks.problems(dockerfile_with(files, "ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel", pinned)) == []
 
 
 def test_check_raises_with_every_problem_listed(files):

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PretrainedConfig
 
+from . import kernels as prebuilt
 from .engine import LOGPROB_FLOOR, Generation, SamplingParams, ScoredToken, StopCheck
 from .settings import ModelSource, ServeConfig, ServedModel
 
@@ -33,7 +34,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 # GPTQ kernels per device when the spec says "auto", tried in order (docs/measurements.md: on an H100
 # Marlin reads 8-bit weights at 1353 GB/s at batch 1, GPTQModel's torch and Triton kernels at 250
-# and 285 against fp16's 2138). Marlin compiles on first use (nvcc, minutes); torch needs nothing.
+# and 285 against fp16's 2138). Marlin is compiled by the image build (kernels.py); torch needs nothing.
 # CPU: the torch kernel dequantizes exactly.
 GPTQ_KERNELS = {"cpu": ["torch"], "cuda": ["marlin", "torch"]}
 
@@ -116,11 +117,29 @@ def load_model(config: ServeConfig, device: torch.device):
     return model.eval()
 
 
+def prebuilt_kernels(kernels: list[str], device: torch.device) -> list[str]:
+    """In the image, Marlin comes only from the kernels its build compiled (`kernels.py`), never from a compile at
+    start: when those cannot serve this card, `auto` goes on to the next kernel, a spec that names marlin fails."""
+    if "marlin" not in kernels:
+        return kernels
+    try:
+        loaded = prebuilt.load(device)
+    except prebuilt.KernelsMissing as e:
+        if kernels == ["marlin"]:
+            raise ModelLoadError(f"{e} (the spec names gptq_kernel = \"marlin\"; \"auto\" would fall back)") from None
+        rest = [k for k in kernels if k != "marlin"]
+        log.error("%s; serving with the %s kernel instead: nothing compiles at start", e, rest[0])
+        return rest
+    if loaded:
+        log.info("GPTQ kernels prebuilt by the image build: %s", loaded)
+    return kernels
+
+
 def _load_gptq(spec: ServedModel, device: torch.device, bits: int, kwargs: dict):
     from transformers import GPTQConfig
 
     errors = []
-    for kernel in gptq_kernels(spec, device):
+    for kernel in prebuilt_kernels(gptq_kernels(spec, device), device):
         started = time.perf_counter()
         log.info("GPTQ %d-bit checkpoint: loading with the %s kernel (a first use may compile it)", bits, kernel)
         try:
