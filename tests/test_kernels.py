@@ -89,6 +89,12 @@ def test_in_the_image_marlin_comes_only_from_the_prebuilt_folder(tmp_path, monke
     assert hf_engine.prebuilt_kernels(["torch"], cuda) == ["torch"]
 
 
+def test_a_bf16_gptq_model_in_the_image_is_refused_before_its_kernel_would_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv(prebuilt.KERNELS_ENV, str(folder_with(tmp_path, manifest())))
+    with pytest.raises(hf_engine.ModelLoadError, match=r"float16 models only.*dtype = \"float16\""):
+        hf_engine.prebuilt_kernels(["marlin"], torch.device("cuda"), torch.bfloat16)
+
+
 def test_an_unknown_arch_is_refused_before_any_compile(tmp_path):
     with pytest.raises(SystemExit, match="not compute capabilities this server is built for"):
         prebuilt.build(tmp_path / "k", ["7.5"])

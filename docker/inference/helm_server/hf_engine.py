@@ -117,13 +117,13 @@ def load_model(config: ServeConfig, device: torch.device):
     return model.eval()
 
 
-def prebuilt_kernels(kernels: list[str], device: torch.device) -> list[str]:
+def prebuilt_kernels(kernels: list[str], device: torch.device, dtype: torch.dtype | str = torch.float16) -> list[str]:
     """In the image, Marlin comes only from the kernels its build compiled (`kernels.py`), never from a compile at
     start: when those cannot serve this card, `auto` goes on to the next kernel, a spec that names marlin fails."""
     if "marlin" not in kernels:
         return kernels
     try:
-        loaded = prebuilt.load(device)
+        loaded = prebuilt.load(device, dtype)
     except prebuilt.KernelsMissing as e:
         if kernels == ["marlin"]:
             raise ModelLoadError(f"{e} (the spec names gptq_kernel = \"marlin\"; \"auto\" would fall back)") from None
@@ -139,7 +139,7 @@ def _load_gptq(spec: ServedModel, device: torch.device, bits: int, kwargs: dict)
     from transformers import GPTQConfig
 
     errors = []
-    for kernel in prebuilt_kernels(gptq_kernels(spec, device), device):
+    for kernel in prebuilt_kernels(gptq_kernels(spec, device), device, kwargs["dtype"]):
         started = time.perf_counter()
         log.info("GPTQ %d-bit checkpoint: loading with the %s kernel (a first use may compile it)", bits, kernel)
         try:

@@ -145,12 +145,15 @@ def check(manifest: dict, folder: Path, capability: tuple[int, int]) -> list[Pat
     return libraries
 
 
-def load(device: torch.device) -> str | None:
-    """At start, before a GPTQ model loads: register the image's prebuilt kernels for this card.
+def load(device: torch.device, dtype: torch.dtype | str = torch.float16) -> str | None:
+    """At start, before a GPTQ model of `dtype` loads: register the image's prebuilt kernels for this card.
     Returns what was loaded (for the log), None where nothing applies (no folder named, not CUDA)."""
     named = os.environ.get(KERNELS_ENV)
     if not named or device.type != "cuda":
         return None
+    if dtype == torch.bfloat16:  # GPTQModel would compile its bf16 Marlin build at the first load
+        raise KernelsMissing("the image prebuilds Marlin for float16 models only (helm_server/kernels.py EXTENSIONS): "
+                             "serve this GPTQ model with the spec's [artifact] dtype = \"float16\"")
     folder = Path(named)
     libraries = check(read_manifest(folder), folder, torch.cuda.get_device_capability(device))
     for library in libraries:
