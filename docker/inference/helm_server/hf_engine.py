@@ -141,7 +141,7 @@ def _load_gptq(spec: ServedModel, device: torch.device, bits: int, kwargs: dict)
     errors = []
     for kernel in prebuilt_kernels(gptq_kernels(spec, device), device, kwargs["dtype"]):
         started = time.perf_counter()
-        log.info("GPTQ %d-bit checkpoint: loading with the %s kernel (a first use may compile it)", bits, kernel)
+        log.info("GPTQ %d-bit checkpoint: loading with the %s kernel", bits, kernel)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 spec.repo_id, quantization_config=GPTQConfig(bits=bits, backend=kernel), **kwargs

@@ -58,6 +58,20 @@ def _compiling_without_a_gpu():
         torch.cuda.is_available = real
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def build(folder: Path, archs: list[str]) -> dict:
     """Compile every extension of EXTENSIONS for `archs` into `folder` with its manifest; returns the manifest.
     Written beside the folder, then moved into place: a failed build leaves no folder that looks complete."""
@@ -75,32 +89,25 @@ def build(folder: Path, archs: list[str]) -> dict:
         return manifest
     work = folder.with_name(folder.name + ".build")
     shutil.rmtree(work, ignore_errors=True)
-    env = {"TORCH_CUDA_ARCH_LIST": ";".join(archs), "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(work)}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     libraries = {}
-    try:
-        from gptqmodel import extension
+    from gptqmodel import extension
 
-        for name in EXTENSIONS:
-            started = time.perf_counter()
-            print(f"kernels: compiling {name} for compute capabilities {', '.join(archs)} (minutes)", flush=True)
+    for name in EXTENSIONS:
+        started = time.perf_counter()
+        print(f"kernels: compiling {name} for compute capabilities {', '.join(archs)} (minutes)", flush=True)
+        # GPTQModel builds under GPTQMODEL_TORCH_EXTENSIONS_DIR; one folder per extension holds its one library.
+        with _environment(TORCH_CUDA_ARCH_LIST=";".join(archs), GPTQMODEL_TORCH_EXTENSIONS_DIR=str(work / name)):
             with _compiling_without_a_gpu():
                 extension.load(name)
-            built = sorted(work.rglob(f"{name}*.so"))
-            if len(built) != 1:
-                raise SystemExit(f"kernels: {name} built {len(built)} libraries under {work}, expected one")
-            libraries[name] = built[0]
-            print(f"kernels: {name} compiled in {time.perf_counter() - started:.0f} s", flush=True)
-        manifest = {**found, "archs": list(archs), "extensions": {name: f"{name}.so" for name in libraries}}
-        _write(folder, manifest, libraries)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(work, ignore_errors=True)
+        built = sorted(p for p in (work / name).rglob("*.so") if p.is_file())
+        if len(built) != 1:
+            raise SystemExit(f"kernels: {name} left {len(built)} libraries under {work / name} ({built}), "
+                             "expected one: the folder is kept for a look")
+        libraries[name] = built[0]
+        print(f"kernels: {name} compiled in {time.perf_counter() - started:.0f} s", flush=True)
+    manifest = {**found, "archs": list(archs), "extensions": {name: f"{name}.so" for name in libraries}}
+    _write(folder, manifest, libraries)
+    shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 
