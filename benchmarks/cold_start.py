@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 INFERENCE = REPO / "docker" / "inference"
 sys.path[:0] = [str(REPO), str(INFERENCE)]
 
-# Log lines worth printing beside the total: where the start spends its time.
-PHASES = ("GPTQ", "kernels", "CUDA graphs", "ready", "Traceback", "Error", "error")
+# Log lines worth printing beside the total: the server's own (model load, kernels, graphs, ready) and failures.
+PHASES = (" helm_server", "Traceback", "Error: ")
 
 
 def free_port() -> int:
@@ -45,7 +45,7 @@ def server_folder(spec_name: str, device: str, into: Path) -> Path:
 
     spec, _ = load_spec(REPO / "submissions" / spec_name / "spec.toml")
     config = serve_config(spec)
-    config = config.model_copy(update={"server": config.server.model_copy(update={"device": device, "port": 0})})
+    config = config.model_copy(update={"server": config.server.model_copy(update={"device": device})})
     into.mkdir(parents=True)
     shutil.copy2(INFERENCE / "main.py", into / "main.py")
     (into / "serve_config.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
@@ -119,6 +119,9 @@ def main() -> int:
         raise SystemExit(f"--model {args.model}: no config.json (build one with benchmarks/helm_mix.py --gptq DIR)")
     if args.kernels is not None and not (args.kernels / "kernels.json").is_file():
         raise SystemExit(f"--kernels {args.kernels}: no kernels.json (python -m helm_server.kernels build DIR)")
+    specs = sorted(p.parent.name for p in (REPO / "submissions").glob("*/spec.toml"))
+    if args.spec not in specs:
+        raise SystemExit(f"--spec {args.spec!r}: no submissions/{args.spec}/spec.toml; use one of {', '.join(specs)}")
     if args.starts < 1:
         raise SystemExit("--starts must be at least 1")
     with_tokenizer(args.model, args.vocab)
@@ -128,7 +131,7 @@ def main() -> int:
         folder = server_folder(args.spec, args.device, work / f"start-{n}")
         seconds, lines = start_to_healthy(folder, args.model, args.kernels, args.timeout)
         times.append(seconds)
-        print(f"start {n + 1}: healthy after {seconds:.1f} s ({'prebuilt kernels' if args.kernels else 'JIT'})")
+        print(f"start {n + 1}: healthy after {seconds:.1f} s ({'prebuilt kernels' if args.kernels else 'no prebuilt kernels'})")
         for line in lines:
             print(f"    {line}")
     print(f"{args.spec}, {args.model}: start to healthy /health {min(times):.1f} s best, {max(times):.1f} s worst "
