@@ -5,8 +5,8 @@ The server runs as the image runs it (`uvicorn main:app` beside the spec's serve
 the folder the image build compiles the GPTQ kernels into (`python -m helm_server.kernels build DIR`), as the
 image's HELM_SERVER_KERNELS does. Without it GPTQModel compiles Marlin at the first load, as before the image did.
 
-    python benchmarks/cold_start.py --model DIR --vocab qwen.tiktoken --kernels /opt/gptq-kernels
-    python benchmarks/cold_start.py --model DIR --vocab qwen.tiktoken --spec submission-1 --device cpu   # a CPU smoke
+    python benchmarks/cold_start.py --model DIR --kernels /opt/gptq-kernels
+    python benchmarks/cold_start.py --model DIR --spec submission-1 --device cpu   # a CPU smoke
 """
 
 from __future__ import annotations
@@ -50,15 +50,6 @@ def server_folder(spec_name: str, device: str, into: Path) -> Path:
     shutil.copy2(INFERENCE / "main.py", into / "main.py")
     (into / "serve_config.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
     return into
-
-
-def with_tokenizer(model: Path, vocab: Path) -> None:
-    """The converted Qwen tokenizer beside a benchmark model that has none (train_shape.build_gptq writes weights only)."""
-    if (model / "tokenizer.json").is_file():
-        return
-    from pipeline.convert.tokenizer import fast_tokenizer
-
-    fast_tokenizer(vocab).save_pretrained(str(model))
 
 
 def start_to_healthy(folder: Path, model: Path, kernels: Path | None, timeout: float) -> tuple[float, list[str]]:
@@ -107,7 +98,6 @@ def start_to_healthy(folder: Path, model: Path, kernels: Path | None, timeout: f
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="a model folder (a benchmark's random GPTQ model)")
-    p.add_argument("--vocab", type=Path, required=True, help="qwen.tiktoken: the tokenizer written beside the model")
     p.add_argument("--spec", default="submission-1", help="the submission whose serve_config.json the server reads")
     p.add_argument("--kernels", type=Path, help="the image's prebuilt kernels (HELM_SERVER_KERNELS); none: JIT")
     p.add_argument("--device", default="cuda")
@@ -115,8 +105,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
-    if not (args.model / "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: no config.json (build one with benchmarks/helm_mix.py --gptq DIR)")
+    if not (args.model / "config.json").is_file() or not (args.model / "tokenizer.json").is_file():
+        raise SystemExit(f"--model {args.model}: no config.json and tokenizer.json (build a model with "
+                         "benchmarks/helm_mix.py --gptq DIR)")
     if args.kernels is not None and not (args.kernels / "kernels.json").is_file():
         raise SystemExit(f"--kernels {args.kernels}: no kernels.json (python -m helm_server.kernels build DIR)")
     specs = sorted(p.parent.name for p in (REPO / "submissions").glob("*/spec.toml"))
@@ -124,7 +115,6 @@ def main() -> int:
         raise SystemExit(f"--spec {args.spec!r}: no submissions/{args.spec}/spec.toml; use one of {', '.join(specs)}")
     if args.starts < 1:
         raise SystemExit("--starts must be at least 1")
-    with_tokenizer(args.model, args.vocab)
     work = Path(tempfile.mkdtemp(prefix="cold-start-"))
     times = []
     for n in range(args.starts):

@@ -7,6 +7,8 @@ records, and every refusal a folder that cannot serve the card gets, each naming
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,32 @@ def test_a_bf16_gptq_model_in_the_image_is_refused_before_its_kernel_would_compi
 def test_an_unknown_arch_is_refused_before_any_compile(tmp_path):
     with pytest.raises(SystemExit, match="not compute capabilities this server is built for"):
         prebuilt.build(tmp_path / "k", ["7.5"])
+
+
+def test_the_build_wiring_around_gptqmodel_s_compiler(tmp_path, monkeypatch):
+    """CI has no nvcc: GPTQModel's compile is stood in for by one that checks what it is handed and writes a library
+    under the name GPTQModel gives it. The build passes the archs and its own folder, answers yes to torch's GPU
+    check for the compile alone, takes the one library whatever its name, and leaves nothing else behind."""
+    from gptqmodel import extension
+
+    seen = {}
+
+    def compile_(name):
+        seen.update(archs=os.environ["TORCH_CUDA_ARCH_LIST"], gpu=torch.cuda.is_available())
+        out = Path(os.environ["GPTQMODEL_TORCH_EXTENSIONS_DIR"]) / name / "f038c9e8beb54692"
+        out.mkdir(parents=True)
+        (out / f"gptqmodel_{name}_ops.so").write_bytes(b"\x7fELF")
+        (out / f"{name}.o").write_bytes(b"")
+        return {name: True}
+
+    monkeypatch.setattr(extension, "load", compile_)
+    monkeypatch.setattr(prebuilt, "versions", lambda: {"torch": "2.11.0+cu130", "cuda": "13.0", "gptqmodel": "7.6.0"})
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    gpu = torch.cuda.is_available()
+    folder = tmp_path / "gptq-kernels"
+    data = prebuilt.build(folder, ["8.9", "9.0"])
+    assert seen == {"archs": "8.9;9.0", "gpu": True}
+    assert torch.cuda.is_available() == gpu and "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert data["archs"] == ["8.9", "9.0"] and data["extensions"] == {"marlin_fp16": "marlin_fp16.so"}
+    assert sorted(p.name for p in folder.iterdir()) == ["kernels.json", "marlin_fp16.so"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gptq-kernels"]

@@ -15,7 +15,6 @@ never quietly compiled: outside the image (HELM_SERVER_KERNELS unset) GPTQModel 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -41,35 +41,6 @@ class KernelsMissing(RuntimeError):
 def versions() -> dict[str, str | None]:
     """What a compiled kernel is bound to: torch's C++ ABI, its CUDA, and GPTQModel's sources."""
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "gptqmodel": metadata.version("gptqmodel")}
-
-
-@contextlib.contextmanager
-def _compiling_without_a_gpu():
-    """GPTQModel builds an extension only where torch sees a GPU, but nvcc needs none: `docker build` sees
-    no GPU, so the check answers yes for the build alone (the capabilities come from TORCH_CUDA_ARCH_LIST)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    real = torch.cuda.is_available
-    torch.cuda.is_available = lambda: True
-    try:
-        yield
-    finally:
-        torch.cuda.is_available = real
-
-
-@contextlib.contextmanager
-def _environment(**values: str):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def build(folder: Path, archs: list[str]) -> dict:
@@ -95,10 +66,12 @@ def build(folder: Path, archs: list[str]) -> dict:
     for name in EXTENSIONS:
         started = time.perf_counter()
         print(f"kernels: compiling {name} for compute capabilities {', '.join(archs)} (minutes)", flush=True)
-        # GPTQModel builds under GPTQMODEL_TORCH_EXTENSIONS_DIR; one folder per extension holds its one library.
-        with _environment(TORCH_CUDA_ARCH_LIST=";".join(archs), GPTQMODEL_TORCH_EXTENSIONS_DIR=str(work / name)):
-            with _compiling_without_a_gpu():
-                extension.load(name)
+        # GPTQModel builds under GPTQMODEL_TORCH_EXTENSIONS_DIR (one folder per extension holds its one library),
+        # for the capabilities in TORCH_CUDA_ARCH_LIST, and only where torch sees a GPU; nvcc needs none and
+        # `docker build` sees none, so that check answers yes for the build alone.
+        env = {"TORCH_CUDA_ARCH_LIST": ";".join(archs), "GPTQMODEL_TORCH_EXTENSIONS_DIR": str(work / name)}
+        with mock.patch.dict(os.environ, env), mock.patch.object(torch.cuda, "is_available", lambda: True):
+            extension.load(name)
         built = sorted(p for p in (work / name).rglob("*.so") if p.is_file())
         if len(built) != 1:
             raise SystemExit(f"kernels: {name} left {len(built)} libraries under {work / name} ({built}), "
