@@ -39,6 +39,8 @@ def test_a_cpu_base_records_that_it_has_nothing_to_compile_and_a_build_never_reu
     assert sorted(p.name for p in folder.parent.iterdir()) == ["gptq-kernels"]  # no .partial or .build left
     with pytest.raises(SystemExit, match="exists: remove it first"):
         prebuilt.main(["build", str(folder)])
+    assert prebuilt.main(["check", str(tmp_path / "nothing")]) == 2
+    assert "holds no kernels.json" in capsys.readouterr().err
 
 
 def test_a_folder_that_covers_the_card_gives_its_libraries(tmp_path):

@@ -153,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         build(args.folder, [a.strip() for a in args.archs.split(",") if a.strip()])
         return 0
-    manifest = read_manifest(args.folder)
+    try:
+        manifest = read_manifest(args.folder)
+    except KernelsMissing as e:
+        print(e, file=sys.stderr)
+        return 2
     print(json.dumps(manifest, indent=2))
     if torch.cuda.is_available():
         try:
