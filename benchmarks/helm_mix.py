@@ -351,14 +351,18 @@ def main() -> int:
     ap.add_argument("--emulate-4090", action="store_true", help="cap this process at 24 GiB of GPU memory")
     ap.add_argument("--profile", action="store_true", help="print the static engine's top CUDA kernels")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--dense-from", type=int, help="the -dense engines run passes of this many positions or more on "
+                    "dense weights (helm_server/dense_prefill.py); every other engine here runs Marlin throughout")
     ap.add_argument("--concurrency", type=int, default=1,
                     help="with --url or the static-batchN engines: requests in flight at once (HELM sends up to 4)")
     args = ap.parse_args()
     for name in args.engines.split(","):
-        rows = name.removeprefix("static-batch").removesuffix("-serial")
+        rows = name.removeprefix("static-batch").removesuffix("-dense").removesuffix("-serial")
         if name not in ENGINES and not (name.startswith("static-batch") and rows.isdigit() and 2 <= int(rows) <= 16):
-            ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)}, static-batchN or static-batchN-serial "
-                     "(N cache slots, 2 to 16)")
+            ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)}, static-batchN, static-batchN-serial "
+                     "or static-batchN-dense (N cache slots, 2 to 16)")
+        if name.endswith("-dense") and not args.dense_from:
+            ap.error(f"--engines {name}: give --dense-from N, the positions per pass from which it runs dense")
     if not 1 <= args.concurrency <= 64:
         ap.error(f"--concurrency {args.concurrency}: give 1 to 64 (HELM sends up to 4 at once)")
     if args.concurrency > 1 and not args.url and "static-batch" not in args.engines:
@@ -431,15 +435,16 @@ def on_device(args, timed, totals) -> int:
         if engine_name == "hf":
             engine = HFEngine(model, tokenizer, [EOS], device)
         elif engine_name.startswith("static-batch"):
-            rows = int(engine_name.removeprefix("static-batch").removesuffix("-serial"))  # checked in main
+            rows = int(engine_name.removeprefix("static-batch").removesuffix("-dense").removesuffix("-serial"))
             engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows,
-                                  share=not engine_name.endswith("-serial"))
+                                  share=not engine_name.endswith("-serial"),
+                                  dense=args.dense_from if engine_name.endswith("-dense") else 0)
             engines[engine_name] = engine
             serves[engine_name] = in_process(engine, settings, Batcher(engine, rows, max_queue=64))
             print(f"{engine_name}: ready in {time.perf_counter() - started:.1f} s (graph capture included)")
             continue
         else:
-            engine = engines.get("static") or StaticEngine(model, tokenizer, [EOS], device, args.context)
+            engine = engines.get("static") or StaticEngine(model, tokenizer, [EOS], device, args.context, dense=0)
             engines.setdefault("static", engine)
             if engine_name == "static-noreuse":
                 engine = _NoReuse(engine)

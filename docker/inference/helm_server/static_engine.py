@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .engine import Generation, SamplingParams, ScoredToken, StopCheck
 from .hf_engine import (Decoding, HFEngine, Row, Tokenizing, _generator, _to_host, checked_eos, load_model,
                         load_tokenizer, pick_device, score)
+from .dense_prefill import AGREE, MarlinDense, agrees, dense_from, dense_linears
 from .settings import ServeConfig
 
 log = logging.getLogger("helm_server.engine")
@@ -91,6 +92,13 @@ class Weights:
     kv_heads: int
     head_dim: int
     scaling: float
+    # The same layers with their GPTQ projections on dense weights (dense_prefill.py), for passes of at least
+    # `dense_from` positions; None: every pass runs the layers' own kernels.
+    dense_layers: list[Layer] | None = None
+    dense_from: int = 0
+
+    def layers_for(self, positions: int) -> list[Layer]:
+        return self.dense_layers if self.dense_layers is not None and positions >= self.dense_from else self.layers
 
 
 class Cache:
@@ -203,6 +211,39 @@ def mlp_of(mlp) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
+def dense_layers_of(model, w: Weights, dtype: torch.dtype, device: torch.device) -> list[Layer] | None:
+    """`w`'s layers again with every projection on dense weights (dense_prefill.py), or None where a layer cannot
+    have them or the start-up check finds the dense product off Marlin's (logged: Marlin then runs every pass)."""
+    decoder = unwrap(model).model.layers
+    modules = [layer.get_submodule(name) for layer in decoder for name in PROJECTIONS]
+    dense = dense_linears(modules, dtype, device)
+    if dense is None:
+        return None
+    for i in (0, len(PROJECTIONS) - 1):  # q (with its bias) and down (the longest input) of the first layer
+        if isinstance(dense[i], MarlinDense) and (off := agrees(modules[i], dense[i])) > AGREE:
+            log.warning("static engine: dense weights of %s differ from Marlin's product by %.3g (relative): "
+                        "long passes stay on Marlin", PROJECTIONS[i], off)
+            return None
+    layers = []
+    for index, (module, layer) in enumerate(zip(decoder, w.layers)):
+        q, k, v, o, gate, up, down = dense[index * len(PROJECTIONS) : (index + 1) * len(PROJECTIONS)]
+        layers.append(Layer(layer.attn_norm, _side_by_side(q, k, v), o, layer.mlp_norm,
+                            _gated(gate, up, down, module.mlp.act_fn)))
+    return layers
+
+
+def _side_by_side(*projections) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda h: torch.cat([p(h) for p in projections], dim=-1)
+
+
+def _gated(gate, up, down, act) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: down(act(gate(x)) * up(x))
+
+
 def adapters_in(model, dtype: torch.dtype) -> int:
     """Unmerged LoRA weights in the base's dtype (in place; returns how many were cast). peft keeps adapter weights
     in fp32 and casts each input up, so every adapter product beside an fp16 base was an fp32 GEMM (13% of a
@@ -245,7 +286,7 @@ def forward(w: Weights, cache: Cache, rope: tuple[torch.Tensor, torch.Tensor], i
     cos, sin = rope[0][positions][None, None], rope[1][positions][None, None]
     mask = torch.arange(keys, device=ids.device)[None, :] <= positions[:, None]
     x = w.embed(ids)[None]
-    for layer, k_cache, v_cache in zip(w.layers, cache.keys, cache.values):
+    for layer, k_cache, v_cache in zip(w.layers_for(n), cache.keys, cache.values):
         h = rms_norm(x, layer.attn_norm)
         qkv = layer.qkv(h).view(1, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
         qk = rotate(qkv[:, : w.heads + w.kv_heads], cos, sin)  # queries and keys: one rotation for both
@@ -274,7 +315,7 @@ def forward_rows(w: Weights, slots: Slots, rope: tuple[torch.Tensor, torch.Tenso
     mask = (torch.arange(keys, device=ids.device)[None, None, :] <= positions[:, :, None])[:, None]
     where = slot_of[:, None].expand(rows, n)
     x = w.embed(ids)
-    for layer, k_cache, v_cache in zip(w.layers, slots.keys, slots.values):
+    for layer, k_cache, v_cache in zip(w.layers_for(rows * n), slots.keys, slots.values):
         h = rms_norm(x, layer.attn_norm)
         qkv = layer.qkv(h).view(rows, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
         qk = rotate(qkv[:, : w.heads + w.kv_heads], cos, sin)
@@ -550,7 +591,7 @@ class StaticEngine(Tokenizing):
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device, context_length: int,
                  graphs: bool | None = None, reuse: bool = True, rows: int = 1, prefill_graphs: bool = True,
-                 half_adapters: bool = True, share: bool = True) -> None:
+                 half_adapters: bool = True, share: bool = True, dense: int | None = None) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.reuse = reuse  # off only to measure what prefix reuse saves
         self.share = share  # off only to measure: requests opened one by one, no prefix copied between slots
@@ -564,6 +605,11 @@ class StaticEngine(Tokenizing):
         hidden = self.w.embed.weight.shape[1]
         if half_adapters:  # off only to measure what fp32 adapter products cost
             adapters_in(model, dtype)
+        threshold = dense_from(device, dense)  # `dense`: from how many positions a pass runs dense (0: never), else the card's
+        if threshold is not None:
+            self.w.dense_layers, self.w.dense_from = dense_layers_of(model, self.w, dtype, device), threshold
+            if self.w.dense_layers is not None:
+                log.info("static engine: passes of %d positions or more run on dense weights", threshold)
         self.slots = Slots(self.w, rows, context_length, hidden, dtype, device)
         self.cache = self.slots.caches[0]
         self.rope = rope_tables(model, context_length + 1, dtype, device)  # and the scratch position

@@ -1,0 +1,128 @@
+"""Long prefill passes on dense weights (helm_server/dense_prefill.py).
+
+On the CPU: the inversion of Marlin's 8-bit layout against a transliteration of the repack kernel's loops and
+GPTQModel's own scale and bias permutations; the engine's switch between the two paths on the tiny GPTQ model
+(its torch kernel can write out its weight). On a GPU (TEST_DEVICE=cuda): the same inversion against
+GPTQModel's compiled `gptq_marlin_repack` and Marlin's product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEST_DEVICE
+from helm_server.dense_prefill import dense_from, marlin_dense, marlin_scale_order
+from helm_server.engine import SamplingParams
+
+K, N = 256, 192  # 16 x 3 tiles
+
+
+def repack_like_marlin(codes: torch.Tensor) -> torch.Tensor:
+    """`gptq_marlin_repack`'s 8-bit branch (no act-order), thread by thread as the CUDA kernel writes it."""
+    k_size, n_size = codes.shape
+    q = codes.tolist()
+    out = np.zeros((k_size // 16, n_size // 64 * 256), dtype=np.uint32)
+    for k_tile in range(k_size // 16):
+        for n_tile in range(n_size // 64):
+            for warp in range(4):
+                for thread in range(32):
+                    col, row = n_tile * 64 + warp * 16 + thread // 4, k_tile * 16 + (thread % 4) * 2
+                    vals = [q[row + o][col] for o in (0, 1, 8, 9)] + [q[row + o][col + 8] for o in (0, 1, 8, 9)]
+                    for half in range(2):
+                        word = sum(vals[4 * half + p] << (8 * i) for i, p in enumerate((0, 2, 1, 3)))
+                        out[k_tile, n_tile * 256 + thread * 8 + warp * 2 + half] = word
+    return torch.from_numpy(out.view(np.int32))
+
+
+def reference(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    return ((codes.float() - 128) * scales.float().repeat_interleave(group, dim=0)).half()
+
+
+@pytest.mark.parametrize("group", [128, K])
+def test_marlin_layout_is_inverted_to_the_dense_weight(group):
+    from gptqmodel.utils.marlin import marlin_permute_scales
+
+    g = torch.Generator().manual_seed(group)
+    codes = torch.randint(0, 256, (K, N), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(K // group, N, generator=g) / 100 + 1e-3).half()
+    marlin_scales = marlin_permute_scales(scales, K, N, -1 if group == K else group)
+    out = torch.empty(K * N + 5, dtype=torch.float16)
+    weight = marlin_dense(repack_like_marlin(codes), marlin_scales, K, N, out, marlin_scale_order(single=group == K))
+    torch.testing.assert_close(weight, reference(codes, scales, group), rtol=1e-3, atol=1e-5)
+
+
+def test_a_bias_is_put_back_in_column_order():
+    from gptqmodel.utils.marlin import marlin_permute_bias
+
+    bias = torch.arange(N, dtype=torch.float16)
+    permuted = marlin_permute_bias(bias)
+    assert not torch.equal(permuted, bias)
+    assert torch.equal(permuted.reshape(-1, 32).index_select(1, marlin_scale_order(single=True)).reshape(-1), bias)
+
+
+def test_only_cards_in_the_table_run_dense_unless_asked():
+    assert dense_from(torch.device("cpu"), None) is None
+    assert dense_from(torch.device("cpu"), 64) == 64
+
+
+@pytest.fixture(scope="module")
+def rater(rater_gptq):
+    from transformers import AutoTokenizer
+
+    from pipeline.humpback.generate import load
+
+    return load(rater_gptq, None, torch.device("cpu"), torch.float32), AutoTokenizer.from_pretrained(rater_gptq)
+
+
+def test_long_passes_run_dense_and_give_the_kernels_tokens(rater):
+    """Passes of 16 positions or more on dense weights: same greedy tokens and logprobs as the torch kernel,
+    alone and opened side by side."""
+    from helm_server.static_engine import StaticEngine
+
+    model, tokenizer = rater
+    plain = StaticEngine(model, tokenizer, [151643], torch.device("cpu"), 256, rows=2)
+    dense = StaticEngine(model, tokenizer, [151643], torch.device("cpu"), 256, rows=2, dense=16)
+    assert plain.w.dense_layers is None and dense.w.dense_layers is not None
+    assert dense.w.layers_for(15) is dense.w.layers and dense.w.layers_for(16) is dense.w.dense_layers
+    first, runs = dense.w.dense_layers[0], []
+    qkv = first.qkv
+    first.qkv = lambda h: runs.append(h.shape[:-1]) or qkv(h)
+    prompts = [tokenizer(t)["input_ids"] for t in ("A passage about rivers and the sea, long enough for a dense "
+                                                   "pass.\nANSWER: ", "Short\nANSWER: ")]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, top_logprobs=2, echo_prompt=True)
+    for prompt in prompts:
+        a, b = (e.generate(prompt, params, lambda ids: False) for e in (plain, dense))
+        assert [t.token_id for t in a.prompt + a.completion] == [t.token_id for t in b.prompt + b.completion]
+        for x, y in zip(a.prompt + a.completion, b.prompt + b.completion):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-3)
+    fresh = [tokenizer(t)["input_ids"] for t in ("Mountains, lakes and the weather of the north\nQUESTION: ",
+                                                  "Fourth one, about a city\nANSWER: ")]
+    opened = [e.open_all([(p, params, lambda ids: False) for p in fresh]) for e in (plain, dense)]
+    assert dense.batched_passes == plain.batched_passes == 1  # side by side: 2 rows in one pass
+    for x, y in zip(*opened):
+        torch.testing.assert_close(y.decoding.next_logits, x.decoding.next_logits, rtol=1e-3, atol=1e-3)
+    for engine, rows in zip((plain, dense), opened):
+        for row in rows:
+            engine.close(row)
+    assert runs and all(shape.numel() >= 16 for shape in runs)  # the long passes, and only those
+    assert len([s for s in runs if s[0] == 2]) == 1  # the side-by-side pass
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="GPTQModel's Marlin ops run on a GPU (TEST_DEVICE=cuda)")
+def test_the_inversion_matches_gptqmodels_compiled_repack_and_marlins_product():
+    from gptqmodel.utils.marlin import gptq_marlin_repack, marlin_permute_scales
+
+    cuda = torch.device("cuda")
+    k, n, group = 1024, 768, 128
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 256, (k, n), generator=g, dtype=torch.uint8)
+    packed = (codes.view(k // 4, 4, n).to(torch.int64) << (8 * torch.arange(4))[None, :, None]).sum(1)
+    gptq = torch.from_numpy(packed.numpy().astype(np.uint32).view(np.int32)).to(cuda)
+    marlin = gptq_marlin_repack(gptq, torch.empty(0, dtype=torch.int, device=cuda), k, n, 8, dtype=torch.float16)
+    assert torch.equal(marlin.cpu(), repack_like_marlin(codes))
+    scales = (torch.rand(k // group, n, generator=g) / 100 + 1e-3).half()
+    weight = marlin_dense(marlin, marlin_permute_scales(scales.to(cuda), k, n, group), k, n,
+                          torch.empty(k * n, dtype=torch.float16, device=cuda), marlin_scale_order(single=False).to(cuda))
+    torch.testing.assert_close(weight.cpu(), reference(codes, scales, group), rtol=1e-3, atol=1e-5)
