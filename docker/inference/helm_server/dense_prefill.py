@@ -4,8 +4,8 @@ Marlin multiplies straight from the 8-bit codes: right for decode, where a step 
 few rows. A prefill pass of hundreds of positions is bound by compute instead, and on Hopper Marlin's MMA path
 runs it far below the card's dense fp16 rate (about 18%, docs/measurements.md). From some number of positions
 per pass, writing the layer's weight out in fp16 (one fused multiply-add over a reordered view of the codes,
-3 bytes moved per weight) and running cuBLAS over it costs less. Where that number lies is measured per card (`DENSE_FROM`); on
-the RTX 4090 Marlin's MMA path is the card's own, so it keeps Marlin for every pass.
+3 bytes moved per weight) and running cuBLAS over it costs less. Where that number lies is measured per card
+(`DENSE_FROM`); on the RTX 4090 Marlin's MMA path is the card's own, so it keeps Marlin for every pass.
 
 Marlin's layout (GPTQModel's `gptq_marlin_repack`, gptqmodel_ext/marlin/gptq_marlin_repack.cu, 8-bit codes with
 bias 128): the [K, N] codes are cut into 16 x 64 tiles, stored tile after tile along N within each row of tiles,
@@ -114,8 +114,8 @@ def marlin_supported(layer) -> str | None:
     """Why this MarlinLinear cannot run dense, or None."""
     if layer.bits != 8:
         return f"{layer.bits}-bit codes (the inversion is written for 8-bit)"
-    if layer.g_idx.numel() or layer.qzeros.numel():
-        return "act-order or asymmetric codes"
+    if layer.g_idx.numel():  # (Marlin takes symmetric codes only)
+        return "act-order"
     if getattr(layer, "_marlin_tile_padding", None) is not None:
         return "a tile-padded shape"
     if layer.in_features % TILE_K or layer.out_features % TILE_N:
