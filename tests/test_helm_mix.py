@@ -44,3 +44,9 @@ def test_an_unknown_engine_name_is_one_clear_line():
         done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--engines", f"static,{bad}"], cwd=REPO,
                               capture_output=True, text=True)
         assert done.returncode == 2 and "static-batchN-serial" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_dense_engine_without_its_threshold_is_one_clear_line():
+    done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--engines", "static,static-batch4-dense"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "--dense-from" in done.stderr and "Traceback" not in done.stderr
