@@ -2,7 +2,8 @@
 
 Marlin multiplies straight from the 8-bit codes: right for decode, where a step reads each weight once for a
 few rows. A prefill pass of hundreds of positions is bound by compute instead, and on Hopper Marlin's MMA path
-runs it far below the card's dense fp16 rate (about 18%, docs/measurements.md). From some number of positions
+runs it far below the card's dense fp16 rate (15% to 27% on an H100, where cuBLAS reaches 36% to 66% over the
+same projections: docs/measurements.md). From some number of positions
 per pass, writing the layer's weight out in fp16 (one fused multiply-add over a reordered view of the codes,
 3 bytes moved per weight) and running cuBLAS over it costs less. Where that number lies is measured per card
 (`DENSE_FROM`); on the RTX 4090 Marlin's MMA path is the card's own, so it keeps Marlin for every pass.
@@ -25,8 +26,10 @@ import torch
 
 log = logging.getLogger("helm_server.engine")
 
-# Compute capability -> positions per pass (rows x chunk) from which a pass runs on dense weights, from the
-# per-layer sweep in docs/measurements.md. A card not listed keeps Marlin for every pass.
+# Compute capability -> positions per pass (rows x chunk) from which a pass runs on dense weights, from
+# benchmarks/dense_prefill.py on that card. A card not listed keeps Marlin for every pass. Empty: on an H100
+# `marlin_dense` moved its 3 bytes per weight at 11% of the bandwidth, and the dense path lost at every row
+# count up to 1,024 (docs/measurements.md).
 DENSE_FROM: dict[tuple[int, int], int] = {}
 
 TILE_K, TILE_N = 16, 64  # a Marlin tile: 16 input x 64 output channels, 1,024 codes in 256 int32 words
@@ -64,12 +67,12 @@ def marlin_dense(qweight: torch.Tensor, scales: torch.Tensor, size_k: int, size_
     tiles_k, tiles_n = size_k // TILE_K, size_n // TILE_N
     groups = scales.shape[0]
     per_group = tiles_k // groups  # tiles of 16 rows that share a row of scales
-    codes = qweight.view(torch.uint8).view(groups, per_group, tiles_n, *TILE_DIGITS)
+    codes = qweight.detach().view(torch.uint8).view(groups, per_group, tiles_n, *TILE_DIGITS)
     axes = tuple(3 + a for a in TILE_AXES_K) + (2,) + tuple(3 + a for a in TILE_AXES_N)
     tiles = codes.permute(0, 1, *axes)  # [groups, per_group, k digits, tiles_n, n digits]
     k_digits = [TILE_DIGITS[a] for a in TILE_AXES_K]
     n_digits = [TILE_DIGITS[a] for a in TILE_AXES_N]
-    s = scales.reshape(-1, scale_inverse.numel()).index_select(1, scale_inverse)
+    s = scales.detach().reshape(-1, scale_inverse.numel()).index_select(1, scale_inverse)
     s = s.view(groups, 1, *[1] * len(k_digits), tiles_n, *n_digits)
     weight = out[: size_k * size_n]
     torch.addcmul(s * -CODE_BIAS, tiles, s, out=weight.view(groups, per_group, *k_digits, tiles_n, *n_digits))
