@@ -4,8 +4,9 @@ Loads an 8-bit GPTQ model with the server's loader (Marlin; the image's prebuilt
 is set), takes the first layer's seven projections and times, for each number of rows (positions per pass),
 Marlin's product and the dense path (helm_server/dense_prefill.py: the weight dequantized into a scratch buffer,
 then cuBLAS), CUDA events, median of `--repeats`. Prints per row count the layer's time on each path, the dense
-path's split (dequantize / GEMM), FLOP/s against the card's dense fp16 rate and the dequantization's bytes/s
-against its bandwidth, then the smallest row count from which dense is faster: `DENSE_FROM`'s entry for this card.
+path's time less the dequantization timed alone (its GEMMs), FLOP/s against the card's dense fp16 rate, the
+dequantization's bytes/s against the bandwidth, then the smallest row count from which dense is faster:
+`DENSE_FROM`'s entry for this card.
 
     python benchmarks/dense_prefill.py --model /tmp/m14
 """
@@ -44,7 +45,8 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, required=True, help="an 8-bit GPTQ folder (benchmarks/train_shape.py build_gptq)")
+    p.add_argument("--model", type=Path, required=True,
+                   help="an 8-bit GPTQ folder (benchmarks/train_shape.py build_gptq)")
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="positions per pass to time, comma-separated")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
@@ -75,12 +77,11 @@ def main() -> int:
     moved = sum(m.in_features * m.out_features * 3 for m in modules)  # codes read, fp16 written
     print(f"dequantize the layer: {dequant * 1e3:.3f} ms, {moved / dequant / 1e9:.0f} GB/s moved "
           f"(3 bytes per weight) = {100 * moved / dequant / bandwidth:.0f}% of the bandwidth")
-    print(f"{'rows':>6} {'Marlin ms':>10} {'TFLOP/s':>8} {'dense ms':>9} {'GEMM ms':>8} {'TFLOP/s':>8} {'dense/Marlin':>13}")
+    print(f"{'rows':>6} {'Marlin ms':>10} {'TFLOP/s':>8} {'dense ms':>9} {'- dequant':>9} {'TFLOP/s':>8} "
+          f"{'dense/Marlin':>13}")
     crossover = None
     for rows in rows_list:
-        x = torch.randn(rows, modules[0].in_features, device=device, dtype=torch.float16)
-        xd = torch.randn(rows, modules[-1].in_features, device=device, dtype=torch.float16)
-        inputs = [xd if m.in_features != x.shape[1] else x for m in modules]
+        inputs = [torch.randn(rows, m.in_features, device=device, dtype=torch.float16) for m in modules]
         with torch.inference_mode():
             marlin = timed(lambda: [m(i) for m, i in zip(modules, inputs)], args.repeats)
             both = timed(lambda: [d(i) for d, i in zip(dense, inputs)], args.repeats)
@@ -91,7 +92,7 @@ def main() -> int:
         elif ratio >= 1:
             crossover = None  # dense must stay faster from the crossover on
         print(f"{rows:>6} {marlin * 1e3:>10.3f} {work / marlin / 1e12:>8.0f} {both * 1e3:>9.3f} "
-              f"{(both - dequant) * 1e3:>8.3f} {work / max(both - dequant, 1e-9) / 1e12:>8.0f} {ratio:>13.2f}")
+              f"{(both - dequant) * 1e3:>9.3f} {work / max(both - dequant, 1e-9) / 1e12:>8.0f} {ratio:>13.2f}")
     print(f"dense from {crossover} positions per pass" if crossover else "dense is not faster at any row count timed")
     return 0
 

@@ -331,7 +331,15 @@ def reference_decode_rate(model, prompt_ids: list[int], new: int) -> float:
     return (timed(1 + new) - timed(1)) / new
 
 
-ENGINES = ("reference", "hf", "static", "static-noreuse")  # and static-batchN, static-batchN-serial
+ENGINES = ("reference", "hf", "static", "static-noreuse")  # and static-batchN, static-batchN-serial, -dense
+
+
+def batch_engine(name: str) -> tuple[int, bool, bool] | None:
+    """static-batchN[-serial][-dense]: N rows (2 to 16), requests opened one at a time, long prefills dense."""
+    rows, *flags = name.removeprefix("static-batch").split("-") if name.startswith("static-batch") else ("",)
+    if not rows.isdigit() or not 2 <= int(rows) <= 16 or flags not in ([], ["serial"], ["dense"], ["serial", "dense"]):
+        return None
+    return int(rows), "serial" in flags, "dense" in flags
 
 
 def main() -> int:
@@ -357,12 +365,13 @@ def main() -> int:
                     help="with --url or the static-batchN engines: requests in flight at once (HELM sends up to 4)")
     args = ap.parse_args()
     for name in args.engines.split(","):
-        rows = name.removeprefix("static-batch").removesuffix("-dense").removesuffix("-serial")
-        if name not in ENGINES and not (name.startswith("static-batch") and rows.isdigit() and 2 <= int(rows) <= 16):
+        if name not in ENGINES and batch_engine(name) is None:
             ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)}, static-batchN, static-batchN-serial "
                      "or static-batchN-dense (N cache slots, 2 to 16)")
-        if name.endswith("-dense") and not args.dense_from:
+        if name.endswith("-dense") and args.dense_from is None:
             ap.error(f"--engines {name}: give --dense-from N, the positions per pass from which it runs dense")
+    if args.dense_from is not None and args.dense_from < 1:
+        ap.error(f"--dense-from {args.dense_from}: give a positive number of positions per pass")
     if not 1 <= args.concurrency <= 64:
         ap.error(f"--concurrency {args.concurrency}: give 1 to 64 (HELM sends up to 4 at once)")
     if args.concurrency > 1 and not args.url and "static-batch" not in args.engines:
@@ -435,10 +444,9 @@ def on_device(args, timed, totals) -> int:
         if engine_name == "hf":
             engine = HFEngine(model, tokenizer, [EOS], device)
         elif engine_name.startswith("static-batch"):
-            rows = int(engine_name.removeprefix("static-batch").removesuffix("-dense").removesuffix("-serial"))
-            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows,
-                                  share=not engine_name.endswith("-serial"),
-                                  dense=args.dense_from if engine_name.endswith("-dense") else 0)
+            rows, serial, dense = batch_engine(engine_name)  # checked in main
+            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows, share=not serial,
+                                  dense=args.dense_from if dense else 0)
             engines[engine_name] = engine
             serves[engine_name] = in_process(engine, settings, Batcher(engine, rows, max_queue=64))
             print(f"{engine_name}: ready in {time.perf_counter() - started:.1f} s (graph capture included)")

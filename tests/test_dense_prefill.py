@@ -62,9 +62,41 @@ def test_a_bias_is_put_back_in_column_order():
     assert torch.equal(permuted.reshape(-1, 32).index_select(1, marlin_scale_order(single=True)).reshape(-1), bias)
 
 
-def test_only_cards_in_the_table_run_dense_unless_asked():
-    assert dense_from(torch.device("cpu"), None) is None
-    assert dense_from(torch.device("cpu"), 64) == 64
+def test_only_cards_in_the_table_run_dense_unless_asked(monkeypatch):
+    from helm_server import dense_prefill
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dense_from(cpu, None) is None and dense_from(cpu, 64) == 64 and dense_from(cpu, 0) is None
+    with pytest.raises(ValueError, match="0 for never"):
+        dense_from(cpu, -1)
+    monkeypatch.setattr(dense_prefill, "DENSE_FROM", {(9, 0): 512})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dense_from(cuda, None) == 512 and dense_from(cuda, 0) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # the RTX 4090
+    assert dense_from(cuda, None) is None
+
+
+@pytest.mark.parametrize("group", [128, K])
+def test_a_marlin_layer_runs_dense_with_its_bias_and_scales_put_back(group):
+    """MarlinDense over a layer's Marlin-layout tensors (as MarlinLinear holds them after GPTQModel's post_init)
+    gives x @ W + bias of the plain weight."""
+    from types import SimpleNamespace
+
+    from gptqmodel.utils.marlin import marlin_permute_bias, marlin_permute_scales
+
+    from helm_server.dense_prefill import MarlinDense
+
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 256, (K, N), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(K // group, N, generator=g) / 100 + 1e-3).half()
+    bias = torch.randn(N, generator=g).half()
+    layer = SimpleNamespace(qweight=repack_like_marlin(codes), bias=torch.nn.Parameter(marlin_permute_bias(bias)),
+                            scales=marlin_permute_scales(scales, K, N, -1 if group == K else group),
+                            in_features=K, out_features=N)
+    x = torch.randn(2, 3, K, generator=g).half()
+    got = MarlinDense(layer, torch.empty(K * N, dtype=torch.float16))(x)
+    expected = (x.float() @ reference(codes, scales, group).float() + bias.float())
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +109,16 @@ def rater(rater_gptq):
 
 
 def test_long_passes_run_dense_and_give_the_kernels_tokens(rater):
-    """Passes of 16 positions or more on dense weights: same greedy tokens and logprobs as the torch kernel,
-    alone and opened side by side."""
-    from helm_server.static_engine import StaticEngine
+    """Prefill passes of 4 positions or more on dense weights: same greedy tokens and logprobs as the torch kernel,
+    alone and opened side by side; decode steps (batch 1 or a batched step over 4 slots) never dense."""
+    from helm_server.static_engine import StaticEngine, step_rows
 
     model, tokenizer = rater
-    plain = StaticEngine(model, tokenizer, [151643], torch.device("cpu"), 256, rows=2)
-    dense = StaticEngine(model, tokenizer, [151643], torch.device("cpu"), 256, rows=2, dense=16)
+    plain = StaticEngine(model, tokenizer, [151643], torch.device("cpu"), 256, rows=4)
+    dense = StaticEngine(model, tokenizer, [151643], torch.device("cpu"), 256, rows=4, dense=4)
     assert plain.w.dense_layers is None and dense.w.dense_layers is not None
-    assert dense.w.layers_for(15) is dense.w.layers and dense.w.layers_for(16) is dense.w.dense_layers
+    assert dense.w.layers_for(1, 3) is dense.w.layers and dense.w.layers_for(2, 2) is dense.w.dense_layers
+    assert dense.w.layers_for(4, 1) is dense.w.layers  # a batched decode step: never dense
     first, runs = dense.w.dense_layers[0], []
     qkv = first.qkv
     first.qkv = lambda h: runs.append(h.shape[:-1]) or qkv(h)
@@ -103,15 +136,20 @@ def test_long_passes_run_dense_and_give_the_kernels_tokens(rater):
     assert dense.batched_passes == plain.batched_passes == 1  # side by side: 2 rows in one pass
     for x, y in zip(*opened):
         torch.testing.assert_close(y.decoding.next_logits, x.decoding.next_logits, rtol=1e-3, atol=1e-3)
+    prefill_runs = list(runs)
+    running = [(i, row) for i, row in enumerate(opened[1])]
+    for _ in range(3):  # batched decode steps over the engine's 4 slots
+        _, running = step_rows(dense, running)
     for engine, rows in zip((plain, dense), opened):
         for row in rows:
             engine.close(row)
-    assert runs and all(shape.numel() >= 16 for shape in runs)  # the long passes, and only those
+    assert runs == prefill_runs  # decode steps, alone or batched, never ran the dense layers
+    assert runs and all(shape.numel() >= 4 and shape[1] > 1 for shape in runs)  # prefill passes only
     assert len([s for s in runs if s[0] == 2]) == 1  # the side-by-side pass
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cuda", reason="GPTQModel's Marlin ops run on a GPU (TEST_DEVICE=cuda)")
-def test_the_inversion_matches_gptqmodels_compiled_repack_and_marlins_product():
+def test_the_inversion_matches_gptqmodels_compiled_repack():
     from gptqmodel.utils.marlin import gptq_marlin_repack, marlin_permute_scales
 
     from helm_server.kernels import load

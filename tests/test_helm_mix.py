@@ -40,7 +40,7 @@ def test_a_wrong_url_or_conf_is_one_clear_line():
 
 
 def test_an_unknown_engine_name_is_one_clear_line():
-    for bad in ("static-batch4-fast", "static-batch1", "static-batchX"):
+    for bad in ("static-batch4-fast", "static-batch1", "static-batchX", "static-batch4-dense-serial"):
         done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--engines", f"static,{bad}"], cwd=REPO,
                               capture_output=True, text=True)
         assert done.returncode == 2 and "static-batchN-serial" in done.stderr and "Traceback" not in done.stderr
@@ -49,4 +49,7 @@ def test_an_unknown_engine_name_is_one_clear_line():
 def test_a_dense_engine_without_its_threshold_is_one_clear_line():
     done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--engines", "static,static-batch4-dense"],
                           cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2 and "--dense-from" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "give --dense-from N" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--engines", "static-batch4-dense", "--dense-from",
+                           "0"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "positive number" in done.stderr and "Traceback" not in done.stderr

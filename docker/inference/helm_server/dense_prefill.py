@@ -53,7 +53,8 @@ def _inverse(perm: list[int]) -> torch.Tensor:
 
 
 def marlin_scale_order(single: bool) -> torch.Tensor:
-    """Where `marlin_permute_scales` put each scale of a block (64 with groups, 32 for one scale per column)."""
+    """Where `marlin_permute_scales` put each scale of a block (64 with groups, 32 for one scale per column).
+    Both permutations happen to be their own inverses today; inverting them keeps this right if one changes."""
     from gptqmodel.utils.marlin import get_scale_perms
 
     grouped, per_column = get_scale_perms()
@@ -82,7 +83,7 @@ def marlin_dense(qweight: torch.Tensor, scales: torch.Tensor, size_k: int, size_
 class MarlinDense:
     """One GPTQModel MarlinLinear layer as x @ W (+ bias) over its dequantized weight."""
 
-    def __init__(self, layer, scratch: torch.Tensor) -> None:
+    def __init__(self, layer: torch.nn.Module, scratch: torch.Tensor) -> None:
         self.layer, self.scratch = layer, scratch
         self.k, self.n = layer.in_features, layer.out_features
         self.scale_inverse = marlin_scale_order(single=layer.scales.shape[0] == 1).to(layer.qweight.device)
@@ -105,7 +106,7 @@ class DequantizedDense:
     """A GPTQ layer whose kernel can write out its own weight (`dequantize_weight`, GPTQModel's torch kernels):
     the same x @ W, there for the CPU tests of the switch between the two paths."""
 
-    def __init__(self, layer) -> None:
+    def __init__(self, layer: torch.nn.Module) -> None:
         self.layer = layer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,12 +114,14 @@ class DequantizedDense:
         return out if self.layer.bias is None else out + self.layer.bias.to(x.dtype)
 
 
-def marlin_supported(layer) -> str | None:
-    """Why this MarlinLinear cannot run dense, or None."""
+def marlin_supported(layer: torch.nn.Module) -> str | None:
+    """Why this MarlinLinear cannot run dense, or None (Marlin itself takes symmetric codes only)."""
     if layer.bits != 8:
         return f"{layer.bits}-bit codes (the inversion is written for 8-bit)"
-    if layer.g_idx.numel():  # (Marlin takes symmetric codes only)
+    if layer.g_idx.numel():
         return "act-order"
+    if getattr(layer, "adapter", None) is not None:
+        return "a GPTQModel adapter on the layer"
     if getattr(layer, "_marlin_tile_padding", None) is not None:
         return "a tile-padded shape"
     if layer.in_features % TILE_K or layer.out_features % TILE_N:
@@ -163,6 +166,9 @@ def dense_from(device: torch.device, override: int | None) -> int | None:
     """Positions per pass from which a pass runs dense (None: never): `override` (0: never), else this card's
     entry in `DENSE_FROM`."""
     if override is not None:
+        if override < 0:
+            raise ValueError(f"dense={override}: give the positions per pass from which prefill runs dense, or 0 "
+                             "for never")
         return override or None
     if device.type != "cuda":
         return None

@@ -38,10 +38,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .dense_prefill import AGREE, MarlinDense, agrees, dense_from, dense_linears
 from .engine import Generation, SamplingParams, ScoredToken, StopCheck
 from .hf_engine import (Decoding, HFEngine, Row, Tokenizing, _generator, _to_host, checked_eos, load_model,
                         load_tokenizer, pick_device, score)
-from .dense_prefill import AGREE, MarlinDense, agrees, dense_from, dense_linears
 from .settings import ServeConfig
 
 log = logging.getLogger("helm_server.engine")
@@ -97,8 +97,12 @@ class Weights:
     dense_layers: list[Layer] | None = None
     dense_from: int = 0
 
-    def layers_for(self, positions: int) -> list[Layer]:
-        return self.dense_layers if self.dense_layers is not None and positions >= self.dense_from else self.layers
+    def layers_for(self, rows: int, tokens: int) -> list[Layer]:
+        """The layers a pass of `tokens` positions in each of `rows` rows runs: a decode step (one position a row)
+        always the layers' own kernels, a prefill pass of at least `dense_from` positions the dense ones."""
+        if self.dense_layers is None or tokens == 1 or rows * tokens < self.dense_from:
+            return self.layers
+        return self.dense_layers
 
 
 class Cache:
@@ -236,11 +240,11 @@ def dense_layers_of(model, w: Weights, dtype: torch.dtype, device: torch.device)
     return layers
 
 
-def _side_by_side(*projections) -> Callable[[torch.Tensor], torch.Tensor]:
+def _side_by_side(*projections: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda h: torch.cat([p(h) for p in projections], dim=-1)
 
 
-def _gated(gate, up, down, act) -> Callable[[torch.Tensor], torch.Tensor]:
+def _gated(gate: Callable, up: Callable, down: Callable, act: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: down(act(gate(x)) * up(x))
 
 
@@ -286,7 +290,7 @@ def forward(w: Weights, cache: Cache, rope: tuple[torch.Tensor, torch.Tensor], i
     cos, sin = rope[0][positions][None, None], rope[1][positions][None, None]
     mask = torch.arange(keys, device=ids.device)[None, :] <= positions[:, None]
     x = w.embed(ids)[None]
-    for layer, k_cache, v_cache in zip(w.layers_for(n), cache.keys, cache.values):
+    for layer, k_cache, v_cache in zip(w.layers_for(1, n), cache.keys, cache.values):
         h = rms_norm(x, layer.attn_norm)
         qkv = layer.qkv(h).view(1, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
         qk = rotate(qkv[:, : w.heads + w.kv_heads], cos, sin)  # queries and keys: one rotation for both
@@ -315,7 +319,7 @@ def forward_rows(w: Weights, slots: Slots, rope: tuple[torch.Tensor, torch.Tenso
     mask = (torch.arange(keys, device=ids.device)[None, None, :] <= positions[:, :, None])[:, None]
     where = slot_of[:, None].expand(rows, n)
     x = w.embed(ids)
-    for layer, k_cache, v_cache in zip(w.layers_for(rows * n), slots.keys, slots.values):
+    for layer, k_cache, v_cache in zip(w.layers_for(rows, n), slots.keys, slots.values):
         h = rms_norm(x, layer.attn_norm)
         qkv = layer.qkv(h).view(rows, n, w.heads + 2 * w.kv_heads, w.head_dim).transpose(1, 2)
         qk = rotate(qkv[:, : w.heads + w.kv_heads], cos, sin)
@@ -605,11 +609,14 @@ class StaticEngine(Tokenizing):
         hidden = self.w.embed.weight.shape[1]
         if half_adapters:  # off only to measure what fp32 adapter products cost
             adapters_in(model, dtype)
-        threshold = dense_from(device, dense)  # `dense`: from how many positions a pass runs dense (0: never), else the card's
+        # `dense`: from how many positions a prefill pass runs on dense weights (0: never); None: the card's entry.
+        threshold = dense_from(device, dense)
         if threshold is not None:
             self.w.dense_layers, self.w.dense_from = dense_layers_of(model, self.w, dtype, device), threshold
             if self.w.dense_layers is not None:
-                log.info("static engine: passes of %d positions or more run on dense weights", threshold)
+                log.info("static engine: prefill passes of %d positions or more run on dense weights", threshold)
+            else:
+                log.info("static engine: every pass runs the layers' own kernels (no dense weights for this model)")
         self.slots = Slots(self.w, rows, context_length, hidden, dtype, device)
         self.cache = self.slots.caches[0]
         self.rope = rope_tables(model, context_length + 1, dtype, device)  # and the scratch position
