@@ -55,7 +55,13 @@ def main() -> int:
     try:
         rows_list = [int(r) for r in args.rows.split(",")]
     except ValueError:
-        raise SystemExit(f"--rows {args.rows!r}: give positive integers, comma-separated") from None
+        rows_list = []
+    if not rows_list or min(rows_list) < 1:
+        raise SystemExit(f"--rows {args.rows!r}: give positive integers, comma-separated")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: give at least 1")
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: no config.json (build one with benchmarks/helm_mix.py --gptq DIR)")
     from gptq_kernels import load
     from helm_mix import gpu_figures
 

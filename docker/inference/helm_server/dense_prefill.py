@@ -45,20 +45,13 @@ TILE_DIGITS = (8, 4, 4, 2, 2, 2)
 TILE_AXES_K, TILE_AXES_N = (5, 1, 4), (2, 3, 0)  # positions in TILE_DIGITS
 
 
-def _inverse(perm: list[int]) -> torch.Tensor:
-    inverse = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inverse[p] = i
-    return torch.tensor(inverse, dtype=torch.long)
-
-
 def marlin_scale_order(single: bool) -> torch.Tensor:
     """Where `marlin_permute_scales` put each scale of a block (64 with groups, 32 for one scale per column).
     Both permutations happen to be their own inverses today; inverting them keeps this right if one changes."""
     from gptqmodel.utils.marlin import get_scale_perms
 
     grouped, per_column = get_scale_perms()
-    return _inverse(per_column if single else grouped)
+    return torch.argsort(torch.tensor(per_column if single else grouped))  # a permutation's inverse
 
 
 def marlin_dense(qweight: torch.Tensor, scales: torch.Tensor, size_k: int, size_n: int, out: torch.Tensor,

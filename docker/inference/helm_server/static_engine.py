@@ -198,7 +198,7 @@ def fused(linears: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tens
 
 def qkv_of(attn) -> Callable[[torch.Tensor], torch.Tensor]:
     projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-    return fused(projections) or (lambda h: torch.cat([p(h) for p in projections], dim=-1))
+    return fused(projections) or _side_by_side(*projections)
 
 
 def mlp_of(mlp) -> Callable[[torch.Tensor], torch.Tensor]:
