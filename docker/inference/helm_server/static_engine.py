@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .dense_prefill import AGREE, MarlinDense, agrees, dense_from, dense_linears
 from .engine import Generation, SamplingParams, ScoredToken, StopCheck
+from .marlin_fusion import FusedPart, fuse_in_place
 from .hf_engine import (Decoding, HFEngine, Row, Tokenizing, _generator, _to_host, checked_eos, load_model,
                         load_tokenizer, pick_device, score)
 from .settings import ServeConfig
@@ -161,14 +162,15 @@ def check_supported(config) -> None:
                                'cannot follow; set [server] engine = "hf"')
 
 
-def weights_of(model) -> Weights:
-    """Map a transformers decoder onto `Weights` (fusing plain projections: see `fused`)."""
+def weights_of(model, fuse: bool = True) -> Weights:
+    """Map a transformers decoder onto `Weights`, fusing the projections that read the same input (`fused` for
+    plain weights, marlin_fusion.py for Marlin's; `fuse` off only to measure what that saves)."""
     lm = unwrap(model)
     config = lm.config
     check_supported(config)
     attn = lm.model.layers[0].self_attn
-    layers = [Layer(l.input_layernorm, qkv_of(l.self_attn), l.self_attn.o_proj, l.post_attention_layernorm,
-                    mlp_of(l.mlp)) for l in lm.model.layers]
+    layers = [Layer(l.input_layernorm, qkv_of(l.self_attn, fuse), l.self_attn.o_proj, l.post_attention_layernorm,
+                    mlp_of(l.mlp, fuse)) for l in lm.model.layers]
     return Weights(lm.model.embed_tokens, layers, lm.model.norm, lm.lm_head, config.num_attention_heads,
                    config.num_key_value_heads, attn.head_dim, attn.scaling)
 
@@ -178,7 +180,7 @@ def fused(linears: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tens
 
     Their weights are concatenated once and each layer's weight becomes a view of its rows, so the
     model is unchanged for any other caller and no memory is duplicated. GPTQ and LoRA-wrapped
-    layers are not plain Linear: None, and the caller runs them one by one.
+    layers are not plain Linear: None (GPTQ Marlin layers have their own fusion, marlin_fusion.py).
     """
     if not all(type(m) is torch.nn.Linear for m in linears):
         return None
@@ -196,56 +198,82 @@ def fused(linears: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tens
     return lambda x: F.linear(x, weight, bias)
 
 
-def qkv_of(attn) -> Callable[[torch.Tensor], torch.Tensor]:
-    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-    return fused(projections) or _side_by_side(*projections)
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
-def mlp_of(mlp) -> Callable[[torch.Tensor], torch.Tensor]:
-    """down(act(gate(x)) * up(x)), gate and up in one matmul when they are plain Linear layers."""
-    gate_up = fused([mlp.gate_proj, mlp.up_proj])
-    if gate_up is None:
-        return mlp
-    width = mlp.gate_proj.weight.shape[0]
+def one_call(parent: torch.nn.Module, names: tuple[str, ...], fuse: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`parent.<names>` as one product, their outputs side by side, or None where they stay separate."""
+    if not fuse:
+        return None
+    return fused([getattr(parent, n) for n in names]) or fuse_in_place(parent, names)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        both = gate_up(x)
-        return mlp.down_proj(mlp.act_fn(both[..., :width]) * both[..., width:])
 
-    return run
+def qkv_of(attn, fuse: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    return one_call(attn, QKV, fuse) or _side_by_side(*[getattr(attn, n) for n in QKV])
+
+
+def mlp_of(mlp, fuse: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """down(act(gate(x)) * up(x)), gate and up in one product where they can be."""
+    width = mlp.gate_proj.out_features  # before fusion replaces it
+    gate_up = one_call(mlp, GATE_UP, fuse)
+    return mlp if gate_up is None else _gated(gate_up, width, mlp.down_proj, mlp.act_fn)
 
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 
 
+def projection_groups(layer: torch.nn.Module) -> tuple[list, torch.nn.Module, list, torch.nn.Module]:
+    """A decoder layer's q/k/v, o, gate/up and down modules; a Marlin layer fused from parts stands for them."""
+
+    def group(parent: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Module]:
+        parts = [getattr(parent, n) for n in names]
+        return [parts[0].fused] if isinstance(parts[0], FusedPart) else parts
+
+    return group(layer.self_attn, QKV), layer.self_attn.o_proj, group(layer.mlp, GATE_UP), layer.mlp.down_proj
+
+
 def dense_layers_of(model, w: Weights, dtype: torch.dtype, device: torch.device) -> list[Layer] | None:
     """`w`'s layers again with every projection on dense weights (dense_prefill.py), or None where a layer cannot
     have them or the start-up check finds the dense product off Marlin's (logged: Marlin then runs every pass)."""
     decoder = unwrap(model).model.layers
-    modules = [layer.get_submodule(name) for layer in decoder for name in PROJECTIONS]
+    groups = [projection_groups(layer) for layer in decoder]
+    modules = [m for qkv, o, gate_up, down in groups for m in (*qkv, o, *gate_up, down)]
     dense = dense_linears(modules, dtype, device)
     if dense is None:
         return None
-    for i in (0, len(PROJECTIONS) - 1):  # q (with its bias) and down (the longest input) of the first layer
+    first = len(groups[0][0]) + 1 + len(groups[0][2]) + 1
+    for i in (0, first - 1):  # q (with its bias) and down (the longest input) of the first layer
         if isinstance(dense[i], MarlinDense) and (off := agrees(modules[i], dense[i])) > AGREE:
             log.warning("static engine: dense weights of %s differ from Marlin's product by %.3g (relative): "
-                        "long passes stay on Marlin", PROJECTIONS[i], off)
+                        "long passes stay on Marlin", "q/k/v" if i == 0 else "down", off)
             return None
-    layers = []
-    for index, (module, layer) in enumerate(zip(decoder, w.layers)):
-        q, k, v, o, gate, up, down = dense[index * len(PROJECTIONS) : (index + 1) * len(PROJECTIONS)]
-        layers.append(Layer(layer.attn_norm, _side_by_side(q, k, v), o, layer.mlp_norm,
-                            _gated(gate, up, down, module.mlp.act_fn)))
+    layers, at = [], 0
+    for module, layer, (qkv, _, gate_up, _) in zip(decoder, w.layers, groups):
+        count = len(qkv) + 1 + len(gate_up) + 1
+        mine = dense[at : at + count]
+        at += count
+        d_qkv, d_o, d_gate_up, d_down = (mine[: len(qkv)], mine[len(qkv)], mine[len(qkv) + 1 : -1], mine[-1])
+        layers.append(Layer(layer.attn_norm, _side_by_side(*d_qkv), d_o, layer.mlp_norm,
+                            _gated(_side_by_side(*d_gate_up), module.mlp.gate_proj.out_features, d_down,
+                                   module.mlp.act_fn)))
     return layers
 
 
 def _side_by_side(*projections: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    if len(projections) == 1:
+        return projections[0]
     return lambda h: torch.cat([p(h) for p in projections], dim=-1)
 
 
-def _gated(gate: Callable, up: Callable, down: Callable, act: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: down(act(gate(x)) * up(x))
+def _gated(gate_up: Callable, width: int, down: Callable, act: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """down(act(gate) * up) from gate and up side by side (`width` columns of gate)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        both = gate_up(x)
+        return down(act(both[..., :width]) * both[..., width:])
+
+    return run
 
 
 def adapters_in(model, dtype: torch.dtype) -> int:
@@ -595,11 +623,11 @@ class StaticEngine(Tokenizing):
 
     def __init__(self, model, tokenizer, eos_token_ids: list[int], device: torch.device, context_length: int,
                  graphs: bool | None = None, reuse: bool = True, rows: int = 1, prefill_graphs: bool = True,
-                 half_adapters: bool = True, share: bool = True, dense: int | None = None) -> None:
+                 half_adapters: bool = True, share: bool = True, dense: int | None = None, fuse: bool = True) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.reuse = reuse  # off only to measure what prefix reuse saves
         self.share = share  # off only to measure: requests opened one by one, no prefix copied between slots
-        self.w = weights_of(model)
+        self.w = weights_of(model, fuse)  # `fuse` off only to measure what one call per q/k/v and gate/up saves
         self.vocab_size = int(unwrap(model).get_output_embeddings().weight.shape[0])
         self.eos_token_ids = checked_eos(eos_token_ids, self.vocab_size)
         self._eos = torch.tensor(sorted(self.eos_token_ids), device=device)
