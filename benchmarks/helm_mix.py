@@ -24,7 +24,9 @@ Against a running submission (`make helm-mix URL=http://127.0.0.1:8080`):
 `[server] max_batch` > 1 decodes them together; in process, `static-batchN` is the static engine with
 N cache slots behind the server's batch scheduler, and the other engines still run one request at a
 time, so both sides of the comparison are in one run; `static-batchN-serial` opens the requests admitted
-together one at a time with no prefix copied between slots, as the engine did before `open_all`). Each request is then counted for its share of the
+together one at a time with no prefix copied between slots, as the engine did before `open_all`;
+`-nogather` admits whoever waits at once, as the scheduler did before it waited for the clients it had
+just answered). Each request is then counted for its share of the
 wall clock (its latency x wall / summed latencies), so the projection is of throughput.
 
 `reference` is the reference solution's server path, reimplemented: `generate(do_sample=True,
@@ -334,12 +336,16 @@ def reference_decode_rate(model, prompt_ids: list[int], new: int) -> float:
 ENGINES = ("reference", "hf", "static", "static-noreuse")  # and static-batchN, static-batchN-serial, -dense
 
 
-def batch_engine(name: str) -> tuple[int, bool, bool] | None:
-    """static-batchN[-serial][-dense]: N rows (2 to 16), requests opened one at a time, long prefills dense."""
+BATCH_FLAGS = ("serial", "dense", "nogather")  # in this order after static-batchN
+
+
+def batch_engine(name: str) -> tuple[int, frozenset[str]] | None:
+    """static-batchN[-serial][-dense][-nogather]: N rows (2 to 16); requests opened one at a time; long prefills
+    dense; an idle scheduler not waiting for the clients it answered (batching.py's gather)."""
     rows, *flags = name.removeprefix("static-batch").split("-") if name.startswith("static-batch") else ("",)
-    if not rows.isdigit() or not 2 <= int(rows) <= 16 or flags not in ([], ["serial"], ["dense"], ["serial", "dense"]):
+    if not rows.isdigit() or not 2 <= int(rows) <= 16 or flags != [f for f in BATCH_FLAGS if f in flags]:
         return None
-    return int(rows), "serial" in flags, "dense" in flags
+    return int(rows), frozenset(flags)
 
 
 def main() -> int:
@@ -366,9 +372,9 @@ def main() -> int:
     args = ap.parse_args()
     for name in args.engines.split(","):
         if name not in ENGINES and batch_engine(name) is None:
-            ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)}, static-batchN, static-batchN-serial "
-                     "or static-batchN-dense (N cache slots, 2 to 16)")
-        if name.endswith("-dense") and args.dense_from is None:
+            ap.error(f"--engines: {name!r} is not one of {', '.join(ENGINES)}, static-batchN, static-batchN-serial, "
+                     "static-batchN-dense or static-batchN-nogather (N cache slots, 2 to 16; flags in that order)")
+        if "dense" in (batch_engine(name) or (0, ()))[1] and args.dense_from is None:
             ap.error(f"--engines {name}: give --dense-from N, the positions per pass from which it runs dense")
     if args.dense_from is not None and args.dense_from < 1:
         ap.error(f"--dense-from {args.dense_from}: give a positive number of positions per pass")
@@ -396,7 +402,7 @@ def main() -> int:
 
 def on_device(args, timed, totals) -> int:
     import torch
-    from helm_server.batching import Batcher
+    from helm_server.batching import GATHER_S, Batcher
     from helm_server.hf_engine import HFEngine
     from helm_server.settings import GenerationSettings
     from helm_server.static_engine import StaticEngine
@@ -444,11 +450,12 @@ def on_device(args, timed, totals) -> int:
         if engine_name == "hf":
             engine = HFEngine(model, tokenizer, [EOS], device)
         elif engine_name.startswith("static-batch"):
-            rows, serial, dense = batch_engine(engine_name)  # checked in main
-            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows, share=not serial,
-                                  dense=args.dense_from if dense else 0)
+            rows, flags = batch_engine(engine_name)  # checked in main
+            engine = StaticEngine(model, tokenizer, [EOS], device, args.context, rows=rows, share="serial" not in flags,
+                                  dense=args.dense_from if "dense" in flags else 0)
             engines[engine_name] = engine
-            serves[engine_name] = in_process(engine, settings, Batcher(engine, rows, max_queue=64))
+            gather = 0.0 if "nogather" in flags else GATHER_S
+            serves[engine_name] = in_process(engine, settings, Batcher(engine, rows, max_queue=64, gather_s=gather))
             print(f"{engine_name}: ready in {time.perf_counter() - started:.1f} s (graph capture included)")
             continue
         else:

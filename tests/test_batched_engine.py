@@ -423,3 +423,64 @@ def test_each_cache_slot_keeps_its_own_prefix_for_reuse(tiny_model):
     for prompt in prompts:
         assert_same(two.generate(prompt, params, never), one.generate(prompt, params, never))
     assert two.reused_tokens >= 6 * 120 and one.reused_tokens < 120  # one slot: each run evicts the other
+
+
+class Recording:
+    """The static batching engine, recording how many requests each `open_all` got."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.opened = engine, []
+
+    def open_all(self, requests):
+        self.opened.append(len(requests))
+        return self.engine.open_all(requests)
+
+    def feed(self, rows, tokens):
+        self.engine.feed(rows, tokens)
+
+    def close(self, row):
+        self.engine.close(row)
+
+
+def clients(batcher: Batcher, count: int, each: int) -> float:
+    """`count` clients, each sending `each` one-token requests one after another (HELM's MMLU); seconds taken."""
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    errors = []
+
+    def client(c: int) -> None:
+        for i in range(each):
+            try:
+                batcher.submit([300 + c, 400 + i, 500 + c * each + i], params, never, unlimited())
+            except Exception as e:  # noqa: BLE001 - asserted on
+                errors.append(e)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return time.perf_counter() - started
+
+
+def test_clients_answered_together_are_prefilled_together(tiny_model):
+    """4 clients of one-token requests: an idle scheduler waits for the clients it answered, so after the first
+    turn every prefill takes all four (without the wait they drift into passes of 1 and 3)."""
+    engine = Recording(StaticEngine(tiny_model, None, [QWEN_EOS_ID], CPU, 400, rows=ROWS))
+    batcher = Batcher(engine, ROWS, max_queue=16, gather_s=5.0)  # long: no CPU is slow enough to miss it
+    try:
+        clients(batcher, ROWS, 6)
+    finally:
+        batcher.close()
+    assert sum(engine.opened) == 24
+    assert engine.opened.count(4) >= 5, engine.opened  # the first wave is whoever came first; the rest, all four
+
+
+def test_a_lone_client_never_waits_for_others(tiny_model):
+    engine = StaticEngine(tiny_model, None, [QWEN_EOS_ID], CPU, 400, rows=ROWS)
+    batcher = Batcher(engine, ROWS, max_queue=16, gather_s=5.0)
+    try:
+        assert clients(batcher, 1, 4) < 5.0  # a single wait would take 5 s
+    finally:
+        batcher.close()

@@ -40,7 +40,8 @@ def test_a_wrong_url_or_conf_is_one_clear_line():
 
 
 def test_an_unknown_engine_name_is_one_clear_line():
-    for bad in ("static-batch4-fast", "static-batch1", "static-batchX", "static-batch4-dense-serial"):
+    for bad in ("static-batch4-fast", "static-batch1", "static-batchX", "static-batch4-dense-serial",
+                "static-batch4-nogather-dense", "static-batch4-serial-serial"):
         done = subprocess.run([sys.executable, "benchmarks/helm_mix.py", "--engines", f"static,{bad}"], cwd=REPO,
                               capture_output=True, text=True)
         assert done.returncode == 2 and "static-batchN-serial" in done.stderr and "Traceback" not in done.stderr

@@ -5,7 +5,9 @@ One scheduler thread owns the model. Each turn of its loop (`Batcher._turn`):
 1. `admit`: waiting requests take free rows, up to `server.max_batch`; those admitted together are
    prefilled together (`engine.open_all`: prefix reuse and side-by-side prefill in the static engine)
    between two decode steps. A request whose deadline passed or whose client left while waiting never
-   runs (503 / 499, as at batch 1).
+   runs (503 / 499, as at batch 1). With no row running, the scheduler first gives the clients it just
+   answered up to `gather_s` to send their next requests (`_gather`): HELM's clients answered together
+   come back together, and their prompts then share one prefill pass instead of one pass each.
 2. `pick`: every running row samples and scores its next token with its own generator, then checks
    eos, its stop sequences, its max_tokens and its ticket (deadline, disconnect).
 3. `retire`: a finished row is answered and its row freed at once.
@@ -30,6 +32,9 @@ from .deadline import Ticket
 from .engine import Generation, SamplingParams, StopCheck
 
 log = logging.getLogger("helm_server.batching")
+
+GATHER_S = 0.005  # how long an idle scheduler waits for the clients it just answered (a few ms; a prefill is tens)
+
 
 class Busy(Exception):
     """The wait queue is full (answered 503 with Retry-After)."""
@@ -62,13 +67,14 @@ class Job:
 class Batcher:
     """The scheduler: at most `rows` requests decoding, at most `max_queue` more waiting."""
 
-    def __init__(self, engine: BatchingEngine, rows: int, max_queue: int) -> None:
-        self.engine, self.rows, self.max_queue = engine, rows, max_queue
+    def __init__(self, engine: BatchingEngine, rows: int, max_queue: int, gather_s: float = GATHER_S) -> None:
+        self.engine, self.rows, self.max_queue, self.gather_s = engine, rows, max_queue, gather_s
         self.cond = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
         self.inside = 0  # submitted and not yet answered: running + waiting
         self.closed = False
+        self.returning = 0  # clients answered that have not sent another request yet (likely to)
         self.steps = 0  # decode steps run, and the most rows one of them fed (for tests and logs)
         self.widest = 0
         self.thread = threading.Thread(target=self._loop, name="helm-batcher", daemon=True)
@@ -86,6 +92,7 @@ class Batcher:
             if self.inside >= self.rows + self.max_queue:
                 raise Busy(f"{self.inside - self.rows} requests are already waiting for the model (server.max_queue)")
             self.inside += 1
+            self.returning = max(0, self.returning - 1)
             self.waiting.append(job)
             self.cond.notify()
         try:
@@ -115,6 +122,7 @@ class Batcher:
                         self._answer(job, error=RuntimeError("the server is shutting down"))
                     self.waiting.clear()
                     return
+                self._gather()
                 admitted = self._admit()
             try:
                 with torch.inference_mode():  # as the batch-1 path: picks and steps never track gradients
@@ -125,6 +133,16 @@ class Batcher:
                     if not job.done.is_set():
                         self._answer(job, error=e)
                 self.running = []
+
+    def _gather(self) -> None:
+        """Under the lock, with requests waiting: while no row runs (nothing to hold up), wait up to `gather_s`
+        for the clients answered to send their next requests, or for a full batch. A lone client never waits;
+        clients that do not come back in time are not waited for again."""
+        if self.running:
+            return
+        if not self.cond.wait_for(lambda: self.closed or not self.returning or len(self.waiting) >= self.rows,
+                                  timeout=self.gather_s):
+            self.returning = 0
 
     def _admit(self) -> list[Job]:
         """Under the lock: drop waiting requests that may no longer run, take the next ones in order."""
@@ -180,4 +198,6 @@ class Batcher:
             if job.row is not None:
                 self.engine.close(job.row)
             job.error = error
+            with self.cond:
+                self.returning += 1
             job.done.set()
