@@ -216,3 +216,19 @@ def test_marlins_fused_product_is_its_separate_products_side_by_side():
         x = torch.randn(rows, k, device=cuda, dtype=torch.float16)
         expected = torch.cat([layer(x) for layer in layers], dim=-1)
         torch.testing.assert_close(fused(x), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_a_fused_layer_off_its_parts_product_is_refused(cpu_marlin, monkeypatch, caplog):
+    """The start-up check: were the concatenation wrong for some layout, the parts would stay, and the log says so."""
+    from helm_server import marlin_fusion
+
+    parent = torch.nn.Module()
+    names = ("gate_proj", "up_proj")
+    for name, piece in zip(names, parts(widths=(128, 128))):
+        parent.add_module(name, marlin_layer(*piece))
+    wrong = marlin_fusion.concatenated
+    monkeypatch.setattr(marlin_fusion, "concatenated", lambda ms: wrong(list(reversed(ms))))
+    with caplog.at_level("WARNING", logger="helm_server.engine"):
+        assert marlin_fusion.fuse_in_place(parent, names) is None
+    assert "gate_proj/up_proj fused differ" in caplog.text
+    assert type(parent.gate_proj).__name__ == "MarlinLinear" and not hasattr(parent, "fused_gate_proj_up_proj")

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from .dense_prefill import TILE_K, TILE_N
+from .dense_prefill import AGREE, TILE_K, TILE_N, agrees
 
 log = logging.getLogger("helm_server.engine")
 
@@ -94,9 +94,10 @@ def concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module:
 def fuse_in_place(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module | None:
     """The layers `parent.<names>` as one Marlin layer, or None (logged once per reason) when they cannot be.
 
-    The parent keeps the fused layer (`fused_<names>`) and its named children become `FusedPart`s, so the
-    originals' memory is freed. Called again on the same parent (a second engine over the same model), it
-    returns the same fused layer.
+    The fused layer's product is checked against the parts' on a random input first (a layout this module
+    does not know would fail it: the parts then stay). The parent keeps the fused layer (`fused_<names>`) and
+    its named children become `FusedPart`s, so the originals' memory is freed. Called again on the same
+    parent (a second engine over the same model), it returns the same fused layer.
     """
     parts = [getattr(parent, n) for n in names]
     if all(isinstance(p, FusedPart) for p in parts):
@@ -111,6 +112,10 @@ def fuse_in_place(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.M
             log.info("static engine: q/k/v and gate/up stay separate products: %s", reason)
         return None
     fused = concatenated(parts)
+    if (off := agrees(fused, lambda x: torch.cat([p(x) for p in parts], dim=-1), rows=4)) > AGREE:
+        log.warning("static engine: %s fused differ from their separate products by %.3g (relative): they stay "
+                    "separate", "/".join(names), off)
+        return None
     parent.add_module("fused_" + "_".join(names), fused)
     for name, (start, stop) in zip(names, _ranges(parts)):
         setattr(parent, name, FusedPart(fused, start, stop))
