@@ -232,3 +232,24 @@ def test_a_fused_layer_off_its_parts_product_is_refused(cpu_marlin, monkeypatch,
         assert marlin_fusion.fuse_in_place(parent, names) is None
     assert "gate_proj/up_proj fused differ" in caplog.text
     assert type(parent.gate_proj).__name__ == "MarlinLinear" and not hasattr(parent, "fused_gate_proj_up_proj")
+
+
+def test_a_fused_layer_its_kernel_refuses_leaves_the_parts(cpu_marlin, monkeypatch, caplog):
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+
+    from helm_server.marlin_fusion import fuse_in_place
+
+    parent = torch.nn.Module()
+    for name, piece in zip(("q_proj", "k_proj"), parts(widths=(64, 64))):
+        parent.add_module(name, marlin_layer(*piece))
+
+    def picky(self, x):
+        if self.out_features > 64:
+            raise RuntimeError("size_n not supported")
+        return dense_forward(self, x)
+
+    monkeypatch.setattr(MarlinLinear, "forward", picky)
+    with caplog.at_level("WARNING", logger="helm_server.engine"):
+        assert fuse_in_place(parent, ("q_proj", "k_proj")) is None
+    assert "q_proj/k_proj fused failed to run (size_n not supported)" in caplog.text
+    assert type(parent.q_proj) is MarlinLinear

@@ -112,7 +112,12 @@ def fuse_in_place(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.M
             log.info("static engine: q/k/v and gate/up stay separate products: %s", reason)
         return None
     fused = concatenated(parts)
-    if (off := agrees(fused, lambda x: torch.cat([p(x) for p in parts], dim=-1), rows=4)) > AGREE:
+    try:
+        off = agrees(fused, lambda x: torch.cat([p(x) for p in parts], dim=-1), rows=4)
+    except Exception as e:  # noqa: BLE001 - a kernel refusing the fused shape: the parts still run
+        log.warning("static engine: %s fused failed to run (%s): they stay separate", "/".join(names), e)
+        return None
+    if off > AGREE:
         log.warning("static engine: %s fused differ from their separate products by %.3g (relative): they stay "
                     "separate", "/".join(names), off)
         return None
