@@ -289,16 +289,20 @@ def adapters_in(model, dtype: torch.dtype) -> int:
 
 
 def rope_tables(model, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for every position, from the model's own rotary module (same numerics as its forward)."""
+    """cos and sin for every position, from the model's own rotary module (same numerics as its forward), the
+    sin with the sign `rotate` needs folded in: minus on the first half of each head, plus on the second."""
     rotary = unwrap(model).model.rotary_emb
     positions = torch.arange(length, device=device)[None]
     cos, sin = rotary(torch.zeros(1, dtype=dtype, device=device), positions)
-    return cos[0], sin[0]
+    half = sin.shape[-1] // 2
+    sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device, sin.dtype)
+    return cos[0], sin[0] * sign
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, x cos + rotate_half(x) sin, in three kernels: rotate_half(x) is x rolled by half a head with the
+    first half negated, and the sign is in the table (`rope_tables`)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
