@@ -91,15 +91,17 @@ def concatenated(modules: list[torch.nn.Module]) -> torch.nn.Module:
     return fused
 
 
-def fuse_in_place(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.Module | None:
+def fuse_in_place(parent: torch.nn.Module, names: tuple[str, ...], inside: str | None = None) -> torch.nn.Module | None:
     """The layers `parent.<names>` as one Marlin layer, or None (logged once per reason) when they cannot be.
+    `inside`: the layers are `parent.<name>.<inside>` instead (peft's LoRA wrappers keep their base there).
 
     The fused layer's product is checked against the parts' on a random input first (a layout this module
     does not know would fail it: the parts then stay). The parent keeps the fused layer (`fused_<names>`) and
-    its named children become `FusedPart`s, so the originals' memory is freed. Called again on the same
-    parent (a second engine over the same model), it returns the same fused layer.
+    every reference to a part in its container becomes a `FusedPart`, so the originals' memory is freed.
+    Called again on the same layers (a second engine over the same model), it returns the same fused layer.
     """
-    parts = [getattr(parent, n) for n in names]
+    containers = [getattr(parent, n) for n in names] if inside else [parent] * len(names)
+    parts = [c._modules.get(k) for c, k in zip(containers, [inside] * len(names) if inside else names)]
     if all(isinstance(p, FusedPart) for p in parts):
         fused = parts[0].fused
         if all(p.fused is fused for p in parts) and [(p.start, p.stop) for p in parts] == _ranges(parts) and \
@@ -122,8 +124,11 @@ def fuse_in_place(parent: torch.nn.Module, names: tuple[str, ...]) -> torch.nn.M
                     "separate", "/".join(names), off)
         return None
     parent.add_module("fused_" + "_".join(names), fused)
-    for name, (start, stop) in zip(names, _ranges(parts)):
-        setattr(parent, name, FusedPart(fused, start, stop))
+    for container, part, (start, stop) in zip(containers, parts, _ranges(parts)):
+        view = FusedPart(fused, start, stop)
+        for key, module in list(container._modules.items()):  # peft's GPTQ wrapper holds its base twice
+            if module is part:
+                container._modules[key] = view
     return fused
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .dense_prefill import AGREE, MarlinDense, agrees, dense_from, dense_linears
 from .engine import Generation, SamplingParams, ScoredToken, StopCheck
+from .lora_products import lora_products
 from .marlin_fusion import FusedPart, fuse_in_place
 from .hf_engine import (Decoding, HFEngine, Row, Tokenizing, _generator, _to_host, checked_eos, load_model,
                         load_tokenizer, pick_device, score)
@@ -76,7 +77,7 @@ class UnsupportedModel(RuntimeError):
 class Layer:
     attn_norm: torch.nn.Module
     qkv: Callable[[torch.Tensor], torch.Tensor]  # queries, keys and values side by side
-    o: torch.nn.Module
+    o: Callable[[torch.Tensor], torch.Tensor]
     mlp_norm: torch.nn.Module
     mlp: Callable[[torch.Tensor], torch.Tensor]
 
@@ -163,14 +164,19 @@ def check_supported(config) -> None:
 
 
 def weights_of(model, fuse: bool = True) -> Weights:
-    """Map a transformers decoder onto `Weights`, fusing the projections that read the same input (`fused` for
-    plain weights, marlin_fusion.py for Marlin's; `fuse` off only to measure what that saves)."""
+    """Map a transformers decoder onto `Weights`, the projections that read the same input in as few products as
+    they allow (`group_of`; `fuse` off only to measure what that saves)."""
     lm = unwrap(model)
     config = lm.config
     check_supported(config)
     attn = lm.model.layers[0].self_attn
-    layers = [Layer(l.input_layernorm, qkv_of(l.self_attn, fuse), l.self_attn.o_proj, l.post_attention_layernorm,
-                    mlp_of(l.mlp, fuse)) for l in lm.model.layers]
+    dtype = lm.get_input_embeddings().weight.dtype
+    layers = []
+    for l in lm.model.layers:
+        a = l.self_attn
+        qkv = group_of(a, QKV, fuse, dtype) or _side_by_side(*[getattr(a, n) for n in QKV])
+        layers.append(Layer(l.input_layernorm, qkv, group_of(a, ("o_proj",), fuse, dtype) or a.o_proj,
+                            l.post_attention_layernorm, mlp_of(l.mlp, fuse, dtype)))
     return Weights(lm.model.embed_tokens, layers, lm.model.norm, lm.lm_head, config.num_attention_heads,
                    config.num_key_value_heads, attn.head_dim, attn.scaling)
 
@@ -201,22 +207,32 @@ def fused(linears: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tens
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
-def one_call(parent: torch.nn.Module, names: tuple[str, ...], fuse: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """`parent.<names>` as one product, their outputs side by side, or None where they stay separate."""
+def group_of(parent: torch.nn.Module, names: tuple[str, ...], fuse: bool,
+             dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`parent.<names>` with their outputs side by side in fewer kernels, or None where they gain nothing over
+    running one after the other: plain weights concatenated (`fused`), GPTQ Marlin layers fused
+    (marlin_fusion.py), unmerged LoRA adapters as two GEMMs added into their bases' output (lora_products.py,
+    the bases fused where they can be)."""
     if not fuse:
         return None
-    return fused([getattr(parent, n) for n in names]) or fuse_in_place(parent, names)
+    modules = [getattr(parent, n) for n in names]
+    adapters = lora_products(modules, dtype)
+    if adapters is not None:
+        base = (len(names) > 1 and fuse_in_place(parent, names, inside="base_layer")) or \
+            _side_by_side(*[m.base_layer for m in modules])
+        return lambda x: adapters.add_to(base(x), x)
+    if len(modules) == 1:
+        return None
+    return fused(modules) or fuse_in_place(parent, names)
 
 
-def qkv_of(attn, fuse: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    return one_call(attn, QKV, fuse) or _side_by_side(*[getattr(attn, n) for n in QKV])
-
-
-def mlp_of(mlp, fuse: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """down(act(gate(x)) * up(x)), gate and up in one product where they can be."""
+def mlp_of(mlp, fuse: bool = True, dtype: torch.dtype = torch.float16) -> Callable[[torch.Tensor], torch.Tensor]:
+    """down(act(gate(x)) * up(x)), gate and up in one product where they can be (`group_of`)."""
     width = mlp.gate_proj.out_features  # before fusion replaces it
-    gate_up = one_call(mlp, GATE_UP, fuse)
-    return mlp if gate_up is None else _gated(gate_up, width, mlp.down_proj, mlp.act_fn)
+    gate_up, down = group_of(mlp, GATE_UP, fuse, dtype), group_of(mlp, ("down_proj",), fuse, dtype)
+    if gate_up is None and down is None:
+        return mlp
+    return _gated(gate_up or _side_by_side(mlp.gate_proj, mlp.up_proj), width, down or mlp.down_proj, mlp.act_fn)
 
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -631,16 +647,17 @@ class StaticEngine(Tokenizing):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.reuse = reuse  # off only to measure what prefix reuse saves
         self.share = share  # off only to measure: requests opened one by one, no prefix copied between slots
-        self.w = weights_of(model, fuse)  # `fuse` off only to measure what one call per q/k/v and gate/up saves
         self.vocab_size = int(unwrap(model).get_output_embeddings().weight.shape[0])
         self.eos_token_ids = checked_eos(eos_token_ids, self.vocab_size)
         self._eos = torch.tensor(sorted(self.eos_token_ids), device=device)
         if rows < 1:
             raise ValueError(f"rows must be at least 1, not {rows}")
-        dtype = self.w.embed.weight.dtype
-        hidden = self.w.embed.weight.shape[1]
-        if half_adapters:  # off only to measure what fp32 adapter products cost
+        check_supported(unwrap(model).config)  # before anything changes the model
+        dtype = unwrap(model).get_input_embeddings().weight.dtype
+        if half_adapters:  # off only to measure what fp32 adapter products cost (peft's own forward then runs them)
             adapters_in(model, dtype)
+        self.w = weights_of(model, fuse)  # `fuse` off only to measure what fewer, larger products save
+        hidden = self.w.embed.weight.shape[1]
         # `dense`: from how many positions a prefill pass runs on dense weights (0: never); None: the card's entry.
         threshold = dense_from(device, dense)
         if threshold is not None:
