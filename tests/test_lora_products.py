@@ -113,3 +113,18 @@ def test_layers_that_are_not_vanilla_lora_keep_pefts_forward(rater_gptq):
     assert lora_products([q], torch.float32) is not None
     with model.disable_adapter():
         assert lora_products([q], torch.float32) is None
+
+
+def test_adapters_on_plain_bases_give_pefts_tokens(monkeypatch):
+    """Humpback's base may be unquantized: the bases under the adapters are concatenated as plain weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = with_lora(Qwen2ForCausalLM(config).eval())
+    plain, grouped, calls = run_both(model, monkeypatch)
+    same_generation(plain, grouped)
+    attn = model.get_base_model().model.layers[0].self_attn
+    assert attn.k_proj.base_layer.weight.data_ptr() != attn.k_proj.base_layer.weight.untyped_storage().data_ptr()
+    assert 3 in calls

@@ -218,8 +218,9 @@ def group_of(parent: torch.nn.Module, names: tuple[str, ...], fuse: bool,
     modules = [getattr(parent, n) for n in names]
     adapters = lora_products(modules, dtype)
     if adapters is not None:
-        base = (len(names) > 1 and fuse_in_place(parent, names, inside="base_layer")) or \
-            _side_by_side(*[m.base_layer for m in modules])
+        bases = [m.base_layer for m in modules]
+        base = (len(names) > 1 and (fused(bases) or fuse_in_place(parent, names, inside="base_layer"))) or \
+            _side_by_side(*bases)
         return lambda x: adapters.add_to(base(x), x)
     if len(modules) == 1:
         return None
