@@ -123,6 +123,8 @@ class Batcher:
                     self.waiting.clear()
                     return
                 self._gather()
+                if self.closed:  # closed while gathering: the next turn of the loop answers everyone
+                    continue
                 admitted = self._admit()
             try:
                 with torch.inference_mode():  # as the batch-1 path: picks and steps never track gradients
@@ -198,6 +200,7 @@ class Batcher:
             if job.row is not None:
                 self.engine.close(job.row)
             job.error = error
-            with self.cond:
-                self.returning += 1
+            if error is None:  # a client answered with an error (cancelled, timed out) may not come back
+                with self.cond:
+                    self.returning += 1
             job.done.set()

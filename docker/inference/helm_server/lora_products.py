@@ -1,4 +1,4 @@
-"""Unmerged LoRA adapters on GPTQ weights in two GEMMs per group of projections, added into the base's output.
+"""Unmerged LoRA adapters on GPTQ weights: one GEMM per group of projections for the A products, one per B product.
 
 peft runs each adapted projection as base(x) + lora_B(lora_A(dropout(x))) x scaling: four kernels besides the
 base (A, B, the scaling, the add), so an adapter on all seven projections of Qwen-14B adds 1,120 kernels to a

@@ -113,10 +113,10 @@ def fuse_in_place(parent: torch.nn.Module, names: tuple[str, ...], inside: str |
             _logged.add(reason)
             log.info("static engine: q/k/v and gate/up stay separate products: %s", reason)
         return None
-    fused = concatenated(parts)
     try:
+        fused = concatenated(parts)
         off = agrees(fused, lambda x: torch.cat([p(x) for p in parts], dim=-1), rows=4)
-    except Exception as e:  # noqa: BLE001 - a kernel refusing the fused shape: the parts still run
+    except Exception as e:  # noqa: BLE001 - no room for the copy, or a kernel refusing the shape: the parts still run
         log.warning("static engine: %s fused failed to run (%s): they stay separate", "/".join(names), e)
         return None
     if off > AGREE:

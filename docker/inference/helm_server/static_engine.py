@@ -211,8 +211,8 @@ def group_of(parent: torch.nn.Module, names: tuple[str, ...], fuse: bool,
              dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """`parent.<names>` with their outputs side by side in fewer kernels, or None where they gain nothing over
     running one after the other: plain weights concatenated (`fused`), GPTQ Marlin layers fused
-    (marlin_fusion.py), unmerged LoRA adapters as two GEMMs added into their bases' output (lora_products.py,
-    the bases fused where they can be)."""
+    (marlin_fusion.py), unmerged LoRA adapters as one A GEMM for the group and one per B, added into their
+    bases' output (lora_products.py, the bases fused where they can be)."""
     if not fuse:
         return None
     modules = [getattr(parent, n) for n in names]
@@ -317,8 +317,9 @@ def rope_tables(model, length: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE, x cos + rotate_half(x) sin, in three kernels: rotate_half(x) is x rolled by half a head with the
-    first half negated, and the sign is in the table (`rope_tables`)."""
+    """RoPE, x cos + rotate_half(x) sin, in three kernels (four where `x` is strided: the roll copies it first):
+    rotate_half(x) is x rolled by half a head with the first half negated, and the sign is in the table
+    (`rope_tables`)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
