@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "docker" / "inference"), str(REPO / "benchmarks")]
 
 from helm_server.dense_prefill import AGREE, MarlinDense, agrees, dense_linears  # noqa: E402
-from helm_server.static_engine import PROJECTIONS  # noqa: E402
 
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")  # one decoder layer's, on a freshly loaded (unfused) model
 ROWS = (16, 32, 64, 128, 192, 256, 384, 512, 1024)
 
 

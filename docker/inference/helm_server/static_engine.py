@@ -227,17 +227,13 @@ def group_of(parent: torch.nn.Module, names: tuple[str, ...], fuse: bool,
     return fused(modules) or fuse_in_place(parent, names)
 
 
-def mlp_of(mlp, fuse: bool = True, dtype: torch.dtype = torch.float16) -> Callable[[torch.Tensor], torch.Tensor]:
+def mlp_of(mlp, fuse: bool, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """down(act(gate(x)) * up(x)), gate and up in one product where they can be (`group_of`)."""
     width = mlp.gate_proj.out_features  # before fusion replaces it
     gate_up, down = group_of(mlp, GATE_UP, fuse, dtype), group_of(mlp, ("down_proj",), fuse, dtype)
     if gate_up is None and down is None:
         return mlp
     return _gated(gate_up or _side_by_side(mlp.gate_proj, mlp.up_proj), width, down or mlp.down_proj, mlp.act_fn)
-
-
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")
 
 
 def projection_groups(layer: torch.nn.Module) -> tuple[list, torch.nn.Module, list, torch.nn.Module]:
@@ -259,21 +255,19 @@ def dense_layers_of(model, w: Weights, dtype: torch.dtype, device: torch.device)
     dense = dense_linears(modules, dtype, device)
     if dense is None:
         return None
-    first = len(groups[0][0]) + 1 + len(groups[0][2]) + 1
-    for i in (0, first - 1):  # q (with its bias) and down (the longest input) of the first layer
-        if isinstance(dense[i], MarlinDense) and (off := agrees(modules[i], dense[i])) > AGREE:
+    dense_of = {id(m): d for m, d in zip(modules, dense)}
+    qkv, _, _, down = groups[0]
+    for what, m in (("q/k/v", qkv[0]), ("down", down)):  # q (with its bias), down (the longest input): layer 0
+        if isinstance(dense_of[id(m)], MarlinDense) and (off := agrees(m, dense_of[id(m)])) > AGREE:
             log.warning("static engine: dense weights of %s differ from Marlin's product by %.3g (relative): "
-                        "long passes stay on Marlin", "q/k/v" if i == 0 else "down", off)
+                        "long passes stay on Marlin", what, off)
             return None
-    layers, at = [], 0
-    for module, layer, (qkv, _, gate_up, _) in zip(decoder, w.layers, groups):
-        count = len(qkv) + 1 + len(gate_up) + 1
-        mine = dense[at : at + count]
-        at += count
-        d_qkv, d_o, d_gate_up, d_down = (mine[: len(qkv)], mine[len(qkv)], mine[len(qkv) + 1 : -1], mine[-1])
-        layers.append(Layer(layer.attn_norm, _side_by_side(*d_qkv), d_o, layer.mlp_norm,
-                            _gated(_side_by_side(*d_gate_up), module.mlp.gate_proj.out_features, d_down,
-                                   module.mlp.act_fn)))
+    layers = []
+    for module, layer, (qkv, o, gate_up, down) in zip(decoder, w.layers, groups):
+        layers.append(Layer(layer.attn_norm, _side_by_side(*[dense_of[id(m)] for m in qkv]), dense_of[id(o)],
+                            layer.mlp_norm, _gated(_side_by_side(*[dense_of[id(m)] for m in gate_up]),
+                                                   module.mlp.gate_proj.out_features, dense_of[id(down)],
+                                                   module.mlp.act_fn)))
     return layers
 
 
